@@ -1,0 +1,15 @@
+"""qlora-kernels: fused QLoRA kernels for PyTorch.
+
+Frozen base weights in bitsandbytes' NF4 format, dequantized on the fly inside Triton kernels that compute
+``x · Wᵀ + scale · (x · Aᵀ) · Bᵀ`` forward and backward, and paged optimizers in a C++/CUDA extension.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers the qlora_kernels:: custom ops)
+from ._extension import extension_available
+from .nf4 import NF4Weight
+
+__all__ = ["NF4Weight", "extension_available", "__version__"]

@@ -1,0 +1,356 @@
+"""``NF4Weight``: a frozen weight in bitsandbytes' NF4 storage format, created here or viewed from bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+import torch
+
+from . import ops, reference
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+_FP4_STATE_KEY = "quant_state.bitsandbytes__fp4"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str, what: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{what} must name a torch dtype, got {name!r}")
+    return dtype
+
+
+def check_blocksize(blocksize: Any) -> int:
+    """Validate an NF4 blocksize: a power of two from 32 to 4096 (bitsandbytes' set)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096 {reference.VALID_BLOCKSIZES}, got {blocksize!r}")
+    return blocksize
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain ``torch.Tensor`` sharing storage with ``t`` (drops Parameter / Params4bit subclasses)."""
+    return t.detach().as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+class NF4Weight:
+    """A frozen [N, K] weight stored as NF4 exactly as bitsandbytes stores it.
+
+    Storage (bitsandbytes' layout): ``packed`` holds (N·K + 1) // 2 bytes, two 4-bit codes per byte with the first
+    element in the high nibble, shaped [bytes / itemsize, 1] in ``quant_storage`` (uint8 by default; bf16/fp16/fp32
+    reinterpret the same bytes). ``absmax`` has one entry per block of ``blocksize`` elements of the row-major
+    flattened weight: float32, or uint8 codes of the signed 8-bit dynamic map when double-quantized, in which case
+    ``nested_absmax`` (float32 per 256 blocks) and ``offset`` (float32 scalar) complete it.
+
+    Create with :meth:`quantize`, :meth:`from_bnb` (zero-copy) or :meth:`from_state_dict`. The object is frozen: it
+    has no gradient and is not an ``nn.Parameter``.
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: tuple[int, int] | torch.Size,
+        dtype: torch.dtype,
+        blocksize: int = 64,
+        nested_absmax: Optional[torch.Tensor] = None,
+        offset: Optional[torch.Tensor] = None,
+        quant_map: Optional[torch.Tensor] = None,
+        nested_quant_map: Optional[torch.Tensor] = None,
+    ) -> None:
+        shape = torch.Size(int(s) for s in shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be [N, K] with N, K >= 1, got {tuple(shape)}")
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+        check_blocksize(blocksize)
+        numel = shape.numel()
+        nblocks = -(-numel // blocksize)
+        packed, absmax = _plain(packed), _plain(absmax)
+        if packed.numel() * packed.element_size() != (numel + 1) // 2:
+            raise ValueError(
+                f"packed must hold (N*K + 1) // 2 = {(numel + 1) // 2} bytes for shape {tuple(shape)}, "
+                f"got {packed.numel() * packed.element_size()} ({packed.dtype} {tuple(packed.shape)})"
+            )
+        double_quant = nested_absmax is not None
+        if double_quant != (offset is not None):
+            raise ValueError("nested_absmax and offset come together (double quantization) or not at all")
+        expected_absmax_dtype = torch.uint8 if double_quant else torch.float32
+        if absmax.dtype != expected_absmax_dtype or absmax.numel() != nblocks:
+            raise ValueError(
+                f"absmax must be {expected_absmax_dtype} [{nblocks}] for shape {tuple(shape)} and blocksize "
+                f"{blocksize}{' with double quantization' if double_quant else ''}, got {absmax.dtype} {tuple(absmax.shape)}"
+            )
+        if quant_map is None:
+            quant_map = reference.nf4_code(packed.device)
+        elif not torch.equal(quant_map.detach().float().cpu(), reference.nf4_code()):
+            raise ValueError("quant_map is not the NF4 codebook (is this an FP4 or custom 4-bit weight?)")
+        if double_quant:
+            nested_absmax, offset = _plain(nested_absmax), _plain(offset)
+            nested_blocks = -(-nblocks // reference.NESTED_BLOCKSIZE)
+            if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nested_blocks:
+                raise ValueError(
+                    f"nested_absmax must be float32 [{nested_blocks}], got {nested_absmax.dtype} {tuple(nested_absmax.shape)}"
+                )
+            if offset.numel() != 1:
+                raise ValueError(f"offset must be a float32 scalar, got shape {tuple(offset.shape)}")
+            offset = offset.reshape(()).float()
+            if nested_quant_map is None:
+                nested_quant_map = reference.dynamic_map(True, packed.device)
+            elif nested_quant_map.numel() != 256:
+                raise ValueError(f"nested_quant_map must have 256 entries, got {nested_quant_map.numel()}")
+        else:
+            nested_quant_map = None
+        devices = {t.device for t in (packed, absmax, nested_absmax, offset) if t is not None}
+        if len(devices) != 1:
+            raise ValueError(f"packed, absmax, nested_absmax and offset must be on one device, got {sorted(map(str, devices))}")
+        self.packed = packed
+        self.absmax = absmax
+        self.nested_absmax = nested_absmax
+        self.offset = offset
+        self.quant_map = _plain(quant_map).float()
+        self.nested_quant_map = None if nested_quant_map is None else _plain(nested_quant_map).float()
+        self.shape = shape
+        self.dtype = dtype
+        self.blocksize = blocksize
+
+    # ------------------------------------------------------------------------------------------------ creation
+
+    @classmethod
+    def quantize(
+        cls,
+        weight: torch.Tensor,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> "NF4Weight":
+        """Quantize a float weight [N, K] (fp16/bf16/fp32) to NF4, byte for byte as
+        ``bitsandbytes.functional.quantize_4bit(weight, quant_type="nf4", blocksize=blocksize,
+        compress_statistics=double_quant, quant_storage=quant_storage)``."""
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [N, K], got {weight.dim()}-D shape {tuple(weight.shape)}")
+        if weight.numel() == 0:
+            raise ValueError(f"weight must have at least one element, got shape {tuple(weight.shape)}")
+        check_blocksize(blocksize)
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        if quant_storage not in (torch.uint8,) + _FLOAT_DTYPES:
+            raise TypeError(f"quant_storage must be uint8, float16, bfloat16 or float32, got {quant_storage}")
+        nbytes = (weight.numel() + 1) // 2
+        itemsize = torch.empty((), dtype=quant_storage).element_size()
+        if nbytes % itemsize:
+            raise ValueError(
+                f"quant_storage={quant_storage} needs a byte count divisible by {itemsize}; "
+                f"shape {tuple(weight.shape)} packs into {nbytes} bytes"
+            )
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight contains NaN or Inf; NF4 cannot represent them")
+        w = weight.detach()
+        packed, absmax, nested_absmax, offset = ops.quantize_nf4(w, blocksize, double_quant)
+        packed = packed.view(quant_storage).reshape(-1, 1)
+        return cls(
+            packed,
+            absmax,
+            w.shape,
+            w.dtype,
+            blocksize,
+            nested_absmax if double_quant else None,
+            offset if double_quant else None,
+        )
+
+    @classmethod
+    def from_bnb(cls, source: Any, quant_state: Any = None) -> "NF4Weight":
+        """A zero-copy view of bitsandbytes NF4 storage.
+
+        ``source`` is a ``bnb.nn.Linear4bit``, its ``Params4bit`` weight, or the packed tensor returned by
+        ``bitsandbytes.functional.quantize_4bit`` together with its ``quant_state``. The packed bytes, absmax,
+        nested absmax and offset tensors are shared, not copied.
+        """
+        packed = source
+        if quant_state is None:
+            weight = getattr(source, "weight", source)  # Linear4bit -> Params4bit
+            quant_state = getattr(weight, "quant_state", None)
+            if quant_state is None:
+                raise ValueError(
+                    f"{type(source).__name__} carries no bitsandbytes quant_state: pass a quantized Linear4bit or "
+                    "Params4bit (bitsandbytes quantizes when the module is moved to a device), or (packed, quant_state)"
+                )
+            packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"source must be a Linear4bit, Params4bit or packed torch.Tensor, got {type(source).__name__}")
+        quant_type = getattr(quant_state, "quant_type", None)
+        if quant_type != "nf4":
+            raise ValueError(
+                f"quant_state.quant_type must be 'nf4', got {quant_type!r}"
+                + (": FP4 is a different 4-bit format (uniform-exponent levels), not NF4" if quant_type == "fp4" else "")
+            )
+        if quant_state.shape is None or len(quant_state.shape) != 2:
+            raise ValueError(f"quant_state.shape must be [N, K], got {quant_state.shape}")
+        nested = getattr(quant_state, "nested", False)
+        return cls(
+            packed,
+            quant_state.absmax,
+            tuple(quant_state.shape),
+            quant_state.dtype,
+            quant_state.blocksize,
+            quant_state.state2.absmax if nested else None,
+            quant_state.offset if nested else None,
+            quant_map=quant_state.code,
+            nested_quant_map=quant_state.state2.code if nested else None,
+        )
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4Weight":
+        """Load from bitsandbytes' state-dict keys (``prefix``, ``prefix.absmax``, ``prefix.quant_map``,
+        ``prefix.nested_absmax``, ``prefix.nested_quant_map``, ``prefix.quant_state.bitsandbytes__nf4``), as a
+        ``Linear4bit`` writes them. Tensors are used as they are (no copy)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of str to Tensor, got {type(state_dict).__name__}")
+        p = prefix
+        if f"{p}.{_FP4_STATE_KEY}" in state_dict:
+            raise ValueError(f"{p!r} holds an FP4 weight ({p}.{_FP4_STATE_KEY}); FP4 is not NF4")
+        missing = [k for k in (p, f"{p}.absmax", f"{p}.quant_map", f"{p}.{_QUANT_STATE_KEY}") if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks the NF4 keys {missing} (prefix {p!r})")
+        try:
+            meta = json.loads(bytes(state_dict[f"{p}.{_QUANT_STATE_KEY}"].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}.{_QUANT_STATE_KEY} is not bitsandbytes' packed JSON quant state: {exc}") from exc
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"{p}.{_QUANT_STATE_KEY} has quant_type {meta.get('quant_type')!r}, expected 'nf4'")
+        for key in ("blocksize", "dtype", "shape"):
+            if key not in meta:
+                raise ValueError(f"{p}.{_QUANT_STATE_KEY} lacks {key!r}")
+        double_quant = "nested_absmax" in meta or f"{p}.nested_absmax" in state_dict
+        nested_absmax = offset = nested_map = None
+        if double_quant:
+            missing = [k for k in (f"{p}.nested_absmax", f"{p}.nested_quant_map") if k not in state_dict]
+            if missing or "nested_offset" not in meta:
+                raise ValueError(f"double-quantized state lacks {missing or ['nested_offset']} (prefix {p!r})")
+            if int(meta.get("nested_blocksize", reference.NESTED_BLOCKSIZE)) != reference.NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize must be {reference.NESTED_BLOCKSIZE}, got {meta['nested_blocksize']}")
+            nested_absmax = state_dict[f"{p}.nested_absmax"]
+            nested_map = state_dict[f"{p}.nested_quant_map"]
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=nested_absmax.device)
+        return cls(
+            state_dict[p],
+            state_dict[f"{p}.absmax"],
+            tuple(meta["shape"]),
+            _dtype_from_name(meta["dtype"], f"{p}.{_QUANT_STATE_KEY}['dtype']"),
+            int(meta["blocksize"]),
+            nested_absmax,
+            offset,
+            quant_map=state_dict[f"{p}.quant_map"],
+            nested_quant_map=nested_map,
+        )
+
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """bitsandbytes' state-dict entries for this weight, loadable by ``Params4bit.from_prequantized`` and by a
+        ``Linear4bit``'s ``load_state_dict``."""
+        meta: dict[str, Any] = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.quant_map}
+        if self.double_quant:
+            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
+            sd[f"{prefix}.nested_quant_map"] = self.nested_quant_map
+            meta.update(
+                nested_blocksize=reference.NESTED_BLOCKSIZE,
+                nested_dtype="float32",
+                nested_offset=float(self.offset.item()),
+            )
+        sd[f"{prefix}.{_QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return sd
+
+    # ------------------------------------------------------------------------------------------------- use
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.packed.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes plus absmax (and nested absmax)."""
+        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            total += self.nested_absmax.numel() * 4 + 4
+        return total
+
+    def packed_bytes(self) -> torch.Tensor:
+        """The packed codes as a flat uint8 view [(N·K + 1) // 2] (shares storage)."""
+        return self.packed.reshape(-1).view(torch.uint8)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight [N, K] in ``dtype`` (default: the original weight dtype), equal to
+        ``bitsandbytes.functional.dequantize_4bit``: ``code[nibble] · absmax`` in float32, cast once."""
+        dtype = self.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        return ops.dequantize_nf4(
+            self.packed_bytes(),
+            self.absmax,
+            self.nested_absmax,
+            self.offset,
+            self.nested_quant_map,
+            self.blocksize,
+            list(self.shape),
+            dtype,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "NF4Weight":
+        """A copy on ``device`` (the same object when it is already there)."""
+        device = torch.device(device)
+        if device == self.device or (device.index is None and device.type == self.device.type):
+            return self
+
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return NF4Weight(
+            move(self.packed),
+            move(self.absmax),
+            self.shape,
+            self.dtype,
+            self.blocksize,
+            move(self.nested_absmax),
+            move(self.offset),
+            quant_map=move(self.quant_map),
+            nested_quant_map=move(self.nested_quant_map),
+        )
+
+    def cuda(self, device: Optional[int] = None) -> "NF4Weight":
+        return self.to(torch.device("cuda", device) if device is not None else "cuda")
+
+    def cpu(self) -> "NF4Weight":
+        return self.to("cpu")
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"NF4Weight(shape=({n}, {k}), dtype={_dtype_name(self.dtype)}, blocksize={self.blocksize}{dq}, "
+            f"device={self.device}, storage={_dtype_name(self.quant_storage)}, {self.nbytes / 2**20:.2f} MiB)"
+        )

@@ -1,0 +1,1 @@
+"""Paged optimizers on the C++/CUDA extension (see DESIGN.md, "Paged optimizers")."""
