@@ -25,6 +25,14 @@ def _dtype_from_name(name: str, what: str) -> torch.dtype:
     return dtype
 
 
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def check_blocksize(blocksize: Any) -> int:
     """Validate an NF4 blocksize: a power of two from 32 to 4096 (bitsandbytes' set)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
@@ -352,5 +360,5 @@ class NF4Weight:
         dq = ", double_quant" if self.double_quant else ""
         return (
             f"NF4Weight(shape=({n}, {k}), dtype={_dtype_name(self.dtype)}, blocksize={self.blocksize}{dq}, "
-            f"device={self.device}, storage={_dtype_name(self.quant_storage)}, {self.nbytes / 2**20:.2f} MiB)"
+            f"device={self.device}, storage={_dtype_name(self.quant_storage)}, {_format_bytes(self.nbytes)})"
         )
