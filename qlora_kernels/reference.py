@@ -102,11 +102,15 @@ def quantize_blockwise_8bit(
     return codes.to(torch.uint8), absmax
 
 
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 [n]: each block of ``values`` times its absmax (the trailing block may be short)."""
+    n = values.numel()
+    return (_blocks(values, blocksize) * absmax.float()[:, None]).reshape(-1)[:n]
+
+
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """float32 [n]: ``code[codes] * absmax[block]``."""
-    flat = codes.reshape(-1).long()
-    idx = torch.arange(flat.numel(), device=flat.device) // blocksize
-    return code.float()[flat] * absmax.float()[idx]
+    return _scale_blocks(code.float()[codes.reshape(-1).long()], absmax, blocksize)
 
 
 def quantize_nf4(
@@ -149,6 +153,17 @@ def decode_absmax(
     return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, NESTED_BLOCKSIZE) + offset.float()
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_byte_table_cpu() -> torch.Tensor:
+    byte = torch.arange(256)
+    return torch.stack([nf4_code()[byte >> 4], nf4_code()[byte & 0xF]], dim=1)
+
+
+def _nf4_byte_table(device: torch.device | str) -> torch.Tensor:
+    """float32 [256, 2]: the two levels (high nibble, low nibble) that each packed byte decodes to."""
+    return _nf4_byte_table_cpu().to(device)
+
+
 def unpack_nf4_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """uint8 codes [numel] from the packed bytes (high nibble first)."""
     flat = packed.reshape(-1).view(torch.uint8)
@@ -169,8 +184,153 @@ def dequantize_nf4(
     numel = 1
     for s in shape:
         numel *= int(s)
-    codes = unpack_nf4_codes(packed, numel).long()
-    block_absmax = decode_absmax(absmax, nested_absmax, offset, nested_code)
-    idx = torch.arange(numel, device=codes.device) // blocksize
-    values = nf4_code(codes.device)[codes] * block_absmax[idx]
+    levels = _nf4_byte_table(packed.device).index_select(0, packed.reshape(-1).view(torch.uint8).int())
+    values = _scale_blocks(levels.reshape(-1)[:numel], decode_absmax(absmax, nested_absmax, offset, nested_code), blocksize)
     return values.to(dtype).reshape(tuple(int(s) for s in shape))
+
+
+# ================================================================================ fused NF4 + LoRA linear
+#
+# y = x · deq(W)ᵀ + scale · (dropout(x) · Aᵀ) · Bᵀ + bias, on 2-D x [M, K] (the functional API flattens leading
+# dimensions). These functions are the CPU kernels of the qlora_kernels::nf4_lora_linear_* ops and the spec of the
+# Triton kernels, whose roundings they mirror: deq(W) is rounded once to x's dtype (as a dequantize-then-matmul
+# would), products accumulate in float32, and the r-wide LoRA intermediates (S = dropout(x)·Aᵀ, dS = dY·B) are kept
+# in float32 and rounded to x's dtype, already multiplied by ``scale``, where they feed a product. Called with
+# float64 tensors they compute in float64: the tests' gold standard.
+
+# Dropout keeps element (m, k) of x [M, K] iff hash(m·K + k, seed) >> 8 >= round(p · 2^24): a counter-based mask
+# that the forward, the backward and this reference regenerate bit for bit, so no M×K mask is ever stored.
+DROPOUT_HASH_BITS = 24
+_U32 = 0xFFFFFFFF
+_FMIX_C1 = 0x85EBCA6B  # MurmurHash3's 32-bit finalizer constants
+_FMIX_C2 = 0xC2B2AE35
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer threshold of a dropout probability: an element is kept iff ``hash >> 8 >= threshold``."""
+    return int(p * (1 << DROPOUT_HASH_BITS) + 0.5)  # p >= 0: truncation is floor
+
+
+def _mul_u32(a: torch.Tensor, c: int) -> torch.Tensor:
+    # (a · c) mod 2^32 for a in [0, 2^32) held in int64, without overflowing int64 (torch lacks uint32 arithmetic):
+    # split c into 16-bit halves; the high half only contributes its low 16 bits of product, shifted.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & _U32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul_u32(h, _FMIX_C1)
+    h = h ^ (h >> 13)
+    h = _mul_u32(h, _FMIX_C2)
+    return h ^ (h >> 16)
+
+
+def dropout_hash(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """32-bit hash (int64 in [0, 2^32)) of non-negative element indices under an int64 ``seed`` (scalar tensor).
+
+    ``fmix32(fmix32(lo ^ fmix32(seed_lo)) ^ (hi + seed_hi))`` with (lo, hi) the 32-bit halves of the index: a
+    bijection of the low half for a given seed (no two elements of one 2^32 range collide), two mixing rounds
+    between the seed and the element."""
+    seed = seed.to(device=index.device, dtype=torch.int64)
+    key = _fmix32(seed & _U32)
+    lo, hi = index & _U32, (index >> 32) & _U32
+    return _fmix32(_fmix32(lo ^ key) ^ ((hi + ((seed >> 32) & _U32)) & _U32))
+
+
+def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """bool [rows, cols]: which elements of a [rows, cols] input dropout with probability ``p`` keeps."""
+    device = seed.device if device is None else device
+    index = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * cols + torch.arange(cols, device=device)
+    return (dropout_hash(index, seed) >> 8) >= dropout_threshold(p)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverted dropout of 2-D ``x`` with the hash mask, in x's dtype: kept elements scaled by 1 / (1 - p)."""
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def nf4_lora_linear_fwd(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    dropout: float,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the fused linear on x [M, K] with W [N, K] (N = lora_B.shape[0]) in NF4 storage.
+
+    Returns ``(y, s)``: y [M, N] in x's dtype and s = dropout(x) · lora_Aᵀ [M, r] in float32 (float64 for float64
+    x), which the backward needs. ``seed`` (int64 scalar tensor) drives the dropout mask when ``dropout > 0``.
+    """
+    acc = _acc_dtype(x.dtype)
+    n, k = lora_B.shape[0], x.shape[1]
+    w = dequantize_nf4(packed, absmax, nested_absmax, offset, blocksize, (n, k), x.dtype, nested_code).to(acc)
+    s = lora_dropout(x, dropout, seed).to(acc) @ lora_A.to(acc).T
+    y = x.to(acc) @ w.T + (scale * s).to(x.dtype).to(acc) @ lora_B.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), s
+
+
+def nf4_lora_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout: float,
+    seed: Optional[torch.Tensor],
+    need_x: bool = True,
+    need_A: bool = True,
+    need_B: bool = True,
+    need_bias: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of :func:`nf4_lora_linear_fwd`: ``(grad_x, grad_A, grad_B, grad_bias)``, None where not needed.
+
+    dS = dY · B; dX = dY · deq(W) + mask ⊙ (scale · dS) · A / (1 - p); dA = (scale · dS)ᵀ · dropout(x);
+    dB = dYᵀ · (scale · S); dbias = Σ_m dY. No gradient for the frozen W.
+    """
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    n, k = lora_B.shape[0], x.shape[1]
+    dy = grad_y.to(acc)
+    grad_x = grad_A = grad_B = grad_bias = None
+    if need_x or need_A:
+        ds_scaled = (scale * (dy @ lora_B.to(acc))).to(dtype).to(acc)
+    if need_x:
+        w = dequantize_nf4(packed, absmax, nested_absmax, offset, blocksize, (n, k), dtype, nested_code).to(acc)
+        lora = ds_scaled @ lora_A.to(acc)
+        if dropout > 0.0:
+            keep = dropout_keep_mask(seed, x.shape[0], k, dropout, x.device)
+            lora = torch.where(keep, lora * (1.0 / (1.0 - dropout)), 0.0)
+        grad_x = (dy @ w + lora).to(dtype)
+    if need_A:
+        grad_A = (ds_scaled.T @ lora_dropout(x, dropout, seed).to(acc)).to(lora_A.dtype)
+    if need_B:
+        grad_B = (dy.T @ (scale * s.to(acc)).to(dtype).to(acc)).to(lora_B.dtype)
+    if need_bias:
+        grad_bias = dy.sum(0).to(dtype)
+    return grad_x, grad_A, grad_B, grad_bias

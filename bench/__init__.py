@@ -1,0 +1,1 @@
+"""qlora-kernels benchmarks: ``python -m bench [--quick] [--out DIR] [--only PATTERN]`` (see bench/README.md)."""
