@@ -56,12 +56,31 @@ def lora_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 def bnb_cpu_repacked(linear4bit: nn.Module) -> bool:
     """True when bitsandbytes has rewritten this Linear4bit's storage into its CPU inference layout.
 
-    bitsandbytes does so, in place, at the first eval-mode forward without grad on a CPU with AVX512-BF16: the bytes
-    are reordered and absmax is stored in bf16. That layout is not NF4 as the kernels read it, and bitsandbytes'
-    inverse is lossy (absmax goes through bf16), so such a layer is not wrapped or fused.
+    bitsandbytes does so, in place, at an eval-mode forward whose input needs no grad on a CPU with AVX512-BF16 (for
+    example the first decoder layer of a model loaded with ``from_pretrained``, which starts in eval mode): the bytes
+    are reordered and absmax is kept in bf16. That is not NF4 as the kernels read it.
     """
     quant_state = getattr(getattr(linear4bit, "weight", None), "quant_state", None)
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def restore_bnb_nf4_layout(linear4bit: nn.Module) -> None:
+    """Bring a Linear4bit rewritten into bitsandbytes' CPU inference layout back to its NF4 storage, in place, with
+    bitsandbytes' own inverse (the one its ``state_dict()`` applies before saving). Since bitsandbytes computes with
+    bf16 absmax once rewritten, the restored weight is the one bitsandbytes itself would now save, not bit for bit the
+    weight before the rewrite. No-op for a layer in the standard layout."""
+    if not bnb_cpu_repacked(linear4bit):
+        return
+    from bitsandbytes import functional as bnb_functional
+
+    inverse = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:  # pragma: no cover - depends on the bitsandbytes version
+        raise ValueError(
+            "this Linear4bit is in bitsandbytes' CPU inference layout and this bitsandbytes version offers no inverse; "
+            "reload the layer before running it in eval mode"
+        )
+    weight = linear4bit.weight
+    weight.data, weight.quant_state = inverse(weight.data, weight.quant_state)
 
 
 def check_bnb_linear4bit(linear4bit: Any, argument: str = "linear4bit") -> None:
@@ -88,11 +107,6 @@ def check_bnb_linear4bit(linear4bit: Any, argument: str = "linear4bit") -> None:
         raise ValueError(
             f"{argument} is not quantized yet: bitsandbytes quantizes a Linear4bit when it is moved to a device "
             "(.to('cpu') or .cuda())"
-        )
-    if bnb_cpu_repacked(linear4bit):
-        raise ValueError(
-            f"{argument} is in bitsandbytes' CPU inference layout (rewritten at an eval-mode forward under no_grad), "
-            "not NF4 storage; wrap the layer before running it in eval mode, or reload it"
         )
 
 
@@ -187,9 +201,13 @@ class QLoRALinear(nn.Module):
         use_rslora: bool = False,
     ) -> "QLoRALinear":
         """Wrap a quantized bitsandbytes NF4 ``Linear4bit``: the new layer's base buffers are views of the bnb
-        layer's packed bytes and quantization statistics (no copy), and its bias buffer shares the bnb bias."""
+        layer's packed bytes and quantization statistics (no copy), and its bias buffer shares the bnb bias.
+
+        A layer that bitsandbytes has rewritten into its CPU inference layout is first restored in place (see
+        :func:`restore_bnb_nf4_layout`)."""
         check_bnb_linear4bit(linear4bit)
         _check_lora_arguments(r, lora_alpha, lora_dropout, use_rslora)
+        restore_bnb_nf4_layout(linear4bit)
         weight = NF4Weight.from_bnb(linear4bit)
         bias = None if linear4bit.bias is None else linear4bit.bias.detach()
         return cls(weight, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
