@@ -233,7 +233,7 @@ def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool
             bar = tqdm(total=len(cases), unit="case", dynamic_ncols=True)
         except ImportError:
             bar = None
-    budget = 0.3 if quick else 1.0
+    budget = 0.3 if quick or device.type == "cpu" else 0.15  # seconds per case: >= 20 runs of the slowest GPU case
     for i, case in enumerate(cases):
         if bar is not None:
             bar.set_description(case.name[:60])

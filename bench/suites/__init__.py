@@ -1,5 +1,5 @@
 """Benchmark suites. Each module has ``cases(device, quick) -> list[Case]``; SUITES lists them in run order."""
 
-from . import quant
+from . import linear, quant
 
-SUITES = {"quant": quant}
+SUITES = {"quant": quant, "linear": linear}
