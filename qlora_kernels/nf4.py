@@ -200,6 +200,12 @@ class NF4Weight:
                 f"quant_state.quant_type must be 'nf4', got {quant_type!r}"
                 + (": FP4 is a different 4-bit format (uniform-exponent levels), not NF4" if quant_type == "fp4" else "")
             )
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                "bitsandbytes has rewritten this weight into its CPU inference layout (reordered bytes, bf16 absmax; it "
+                "does so at an eval-mode CPU forward on AVX512-BF16 machines), which is not NF4 storage: restore it "
+                "with bitsandbytes.functional._convert_weight_packed_for_cpu_inverse, or use QLoRALinear.from_bnb"
+            )
         if quant_state.shape is None or len(quant_state.shape) != 2:
             raise ValueError(f"quant_state.shape must be [N, K], got {quant_state.shape}")
         nested = getattr(quant_state, "nested", False)

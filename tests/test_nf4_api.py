@@ -150,3 +150,13 @@ def test_from_bnb_refuses_fp4_and_unquantized_sources():
     layer = bnb.nn.Linear4bit(64, 8, quant_type="fp4").to("cpu")
     with pytest.raises(ValueError, match="FP4"):
         qk.NF4Weight.from_bnb(layer)
+
+
+def test_from_bnb_refuses_bitsandbytes_cpu_inference_layout():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(torch.randn(8, 64), quant_type="nf4")
+    state.packing_format_for_cpu = True  # what bitsandbytes sets when it rewrites the bytes for its CPU kernel
+    with pytest.raises(ValueError, match="CPU inference layout"):
+        qk.NF4Weight.from_bnb(packed, state)
