@@ -1,5 +1,5 @@
 """Benchmark suites. Each module has ``cases(device, quick) -> list[Case]``; SUITES lists them in run order."""
 
-from . import linear, quant
+from . import linear, optim, quant
 
-SUITES = {"quant": quant, "linear": linear}
+SUITES = {"quant": quant, "linear": linear, "optim": optim}
