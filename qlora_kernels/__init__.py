@@ -10,8 +10,17 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers the qlora_kernels:: custom ops)
 from ._extension import extension_available
+from .functional import nf4_lora_linear
 from .nf4 import NF4Weight
 from .nn import QLoRALinear
 from .integrations.peft import patch_peft_model, unpatch_peft_model
 
-__all__ = ["NF4Weight", "QLoRALinear", "patch_peft_model", "unpatch_peft_model", "extension_available", "__version__"]
+__all__ = [
+    "NF4Weight",
+    "nf4_lora_linear",
+    "QLoRALinear",
+    "patch_peft_model",
+    "unpatch_peft_model",
+    "extension_available",
+    "__version__",
+]

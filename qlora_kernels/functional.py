@@ -1,17 +1,76 @@
-"""Functional API: ``nf4_lora_linear``.
+"""Functional API: ``nf4_lora_linear``, the fused NF4 + LoRA linear with autograd.
 
-PROVISIONAL: this first version composes torch ops (dequantize, matmul) and lets torch's autograd differentiate them,
-so that the layers above can be built and tested against a fixed contract. The fused Triton kernels and their custom
-op replace the body; the signature and semantics below are the contract.
+Validates and normalises the arguments (dtypes, autocast, leading dimensions, the dropout seed), then calls the
+``qlora_kernels::nf4_lora_linear_fwd`` custom op, whose registered autograd runs ``qlora_kernels::nf4_lora_linear_bwd``.
+On CUDA both are Triton kernels that dequantize the NF4 weight on the fly (it is never materialised); on CPU they are
+the torch reference (``qlora_kernels.reference``), or the same Triton kernels through Triton's interpreter with
+``QLORA_KERNELS_BACKEND=triton`` and ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 
+from . import ops
 from .nf4 import NF4Weight
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_RANK = 256
+_SEED_HIGH = 2**62  # dropout seeds are drawn from [0, 2^62) with torch's generator for x's device
+
+
+def _check_tensor(name: str, t, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dims and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got {t.dim()}-D shape {tuple(t.shape)}")
+
+
+def _check_arguments(x, w4, lora_A, lora_B, scale, bias, dropout) -> None:
+    if not isinstance(w4, NF4Weight):
+        raise TypeError(f"w4 must be an NF4Weight, got {type(w4).__name__}")
+    n, k = w4.shape
+    _check_tensor("x", x, 0)
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must be [..., K={k}] for a weight of shape [{n}, {k}], got shape {tuple(x.shape)}")
+    _check_tensor("lora_A", lora_A, 2)
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != k or not 1 <= r <= _MAX_RANK:
+        raise ValueError(f"lora_A must be [r, K={k}] with 1 <= r <= {_MAX_RANK}, got {tuple(lora_A.shape)}")
+    _check_tensor("lora_B", lora_B, 2)
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must be [N={n}, r={r}], got {tuple(lora_B.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    devices = {t.device for t in (x, lora_A, lora_B, bias) if t is not None} | {w4.device}
+    if len(devices) > 1:
+        raise ValueError(f"x, w4, lora_A, lora_B and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias) -> torch.dtype:
+    """The dtype the op runs in: the autocast dtype under autocast (as ``torch.nn.functional.linear``), else x's,
+    which the LoRA matrices and the bias must share."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(
+                f"x is {x.dtype} but {name} is {t.dtype}: pass them in one dtype (or run under torch.autocast, "
+                "which computes in the autocast dtype)"
+            )
+    return x.dtype
 
 
 def nf4_lora_linear(
@@ -23,13 +82,41 @@ def nf4_lora_linear(
     bias: Optional[torch.Tensor] = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``x · deq(W)ᵀ + scale · (dropout(x) · lora_Aᵀ) · lora_Bᵀ + bias``.
+    """``x · deq(W)ᵀ + scale · (dropout(x) · lora_Aᵀ) · lora_Bᵀ + bias``, fused.
 
-    x: [..., K]; w4: NF4Weight [N, K]; lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None. Differentiable in x,
-    lora_A, lora_B and bias (never in the frozen W). Output [..., N] in x's dtype. ``dropout`` is the LoRA-path
-    dropout probability (pass 0.0 in eval mode).
+    x: [..., K] (any leading dimensions, any strides, possibly no rows), float16/bfloat16/float32; w4: NF4Weight
+    [N, K] (any blocksize, with or without double quantization); lora_A: [r, K] with 1 <= r <= 256; lora_B: [N, r];
+    bias: [N] or None. x, lora_A, lora_B and bias share one dtype, except under ``torch.autocast``, where all of
+    them are cast to the autocast dtype. Returns [..., N] in that dtype. Differentiable in x, lora_A, lora_B and
+    bias; never in the frozen W.
+
+    ``dropout`` is the LoRA path's dropout probability (pass 0.0 in eval mode). Its mask is a hash of each element's
+    position and a seed drawn from torch's generator for x's device (so ``torch.manual_seed`` reproduces it); the
+    backward regenerates the mask, nothing of size [M, K] is stored for it.
+
+    Raises TypeError for a wrong type or mixed dtypes, ValueError for shapes, devices, ``scale`` (a finite number)
+    and ``dropout`` (in [0, 1)), before any kernel runs.
     """
-    w = w4.dequantize(x.dtype)
-    lora_in = torch.nn.functional.dropout(x, dropout) if dropout > 0 else x
-    y = torch.nn.functional.linear(x, w, bias)
-    return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(lora_in, lora_A), lora_B)
+    _check_arguments(x, w4, lora_A, lora_B, scale, bias, dropout)
+    dtype = _compute_dtype(x, lora_A, lora_B, bias)
+    n, k = w4.shape
+    x2d = x.to(dtype).reshape(-1, k)
+    seed = None
+    if dropout > 0.0:
+        seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
+    y, _ = ops.nf4_lora_linear_fwd(
+        x2d,
+        w4.packed_bytes(),
+        w4.absmax,
+        w4.nested_absmax,
+        w4.offset,
+        w4.nested_quant_map,
+        w4.blocksize,
+        lora_A.to(dtype),
+        lora_B.to(dtype),
+        float(scale),
+        None if bias is None else bias.to(dtype),
+        float(dropout),
+        seed,
+    )
+    return y.reshape(*x.shape[:-1], n)

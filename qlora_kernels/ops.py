@@ -82,3 +82,110 @@ def dequantize_nf4(
 @dequantize_nf4.register_fake
 def _(packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------- nf4_lora_linear (fused)
+#
+# y = x · deq(W)ᵀ + scale · (dropout(x) · lora_Aᵀ) · lora_Bᵀ + bias on 2-D x [M, K], with W [N, K] in NF4 storage
+# (packed uint8 bytes, absmax, optional double quantization). x, lora_A, lora_B and bias share one float dtype (the
+# functional API checks and casts). The forward also returns S = dropout(x) · lora_Aᵀ [M, r] in float32 for the
+# backward; ``seed`` (int64, one element) regenerates the dropout mask there. Autograd: x, lora_A, lora_B, bias.
+
+
+def _lora_linear_module(device: torch.device):
+    """The module implementing the fused linear for ``device``: the Triton launchers or the reference."""
+    if use_triton(device):
+        return importlib.import_module(".lora_linear", triton_kernels().__name__)
+    return reference
+
+
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def nf4_lora_linear_fwd(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    dropout: float,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused NF4 + LoRA linear, forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``."""
+    return _lora_linear_module(x.device).nf4_lora_linear_fwd(
+        x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed
+    )
+
+
+@nf4_lora_linear_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed):
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def nf4_lora_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout: float,
+    seed: Optional[torch.Tensor],
+    need_x: bool,
+    need_A: bool,
+    need_B: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused NF4 + LoRA linear, backward: ``(grad_x [M, K], grad_A [r, K], grad_B [N, r], grad_bias [N])`` in x's
+    dtype; a gradient that is not needed comes back as an empty tensor. No gradient for the frozen W."""
+    grads = _lora_linear_module(x.device).nf4_lora_linear_bwd(
+        grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
+        dropout, seed, need_x, need_A, need_B, need_bias,
+    )
+    return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
+
+
+@nf4_lora_linear_bwd.register_fake
+def _(grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, dropout,
+      seed, need_x, need_A, need_B, need_bias):
+    def grad(needed: bool, shape) -> torch.Tensor:
+        return x.new_empty(tuple(shape) if needed else _EMPTY)
+
+    n = lora_B.shape[0]
+    return grad(need_x, x.shape), grad(need_A, lora_A.shape), grad(need_B, lora_B.shape), grad(need_bias, (n,))
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed = inputs
+    ctx.save_for_backward(x, output[1], packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed)
+    ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = blocksize, scale, dropout, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fwd_backward(ctx, grad_y: torch.Tensor, _grad_s):
+    x, s, packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_A, need_B, need_bias = need[0], need[7], need[8], ctx.has_bias and need[10]
+    grad_x, grad_A, grad_B, grad_bias = nf4_lora_linear_bwd(
+        grad_y.to(x.dtype), x, s, packed, absmax, nested_absmax, offset, nested_code, ctx.blocksize, lora_A, lora_B,
+        ctx.scale, ctx.dropout, seed, need_x, need_A, need_B, need_bias,
+    )
+    return (
+        grad_x if need_x else None, None, None, None, None, None, None,
+        grad_A if need_A else None, grad_B if need_B else None, None,
+        grad_bias if need_bias else None, None, None,
+    )
+
+
+nf4_lora_linear_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

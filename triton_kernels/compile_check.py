@@ -1,0 +1,282 @@
+"""Compile every fused NF4 + LoRA kernel configuration for Hopper (sm_90) without a GPU, and look at the result.
+
+    python -m qlora_kernels.triton_kernels.compile_check [--quick] [--json FILE] [--filter TEXT]
+
+For each kernel × configuration × feature variant: ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` from the
+kernel's AST with the argument specialisation a real launch would get (16-byte-aligned pointers, strides that are
+multiples of 16, unit strides as constants), then the PTX (``wgmma`` = Hopper's asynchronous tensor-core MMA, or
+the older ``mma.sync``) and the SASS of the cubin (Triton ships ``cuobjdump``/``nvdisasm``): registers, local-memory
+spills (``LDL``/``STL``), the widest global loads and ``HGMMA`` count. Exit status 1 when a configuration fails to
+compile or a large-M GEMM configuration does not use ``wgmma``.
+
+Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the kernels' compiled form); DESIGN.md, "Looking
+at GPU code without a GPU".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels that this compiles)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import lora_linear_gemm as gemm  # noqa: E402
+from . import lora_linear_thin as thin  # noqa: E402
+
+try:  # the specialisation rule a launch applies to each argument (Triton ≥ 3.3)
+    from triton._C.libtriton import native_specialize_impl as _specialize_impl
+except ImportError:  # pragma: no cover - older Triton
+    _specialize_impl = None
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclasses.dataclass
+class Case:
+    """One compilation: a kernel, sample arguments standing for a realistic launch, constexprs and options."""
+
+    family: str  # fwd_large_m | fwd_small_m | bwd_dx_large_m | bwd_dx_small_m | rows | cols
+    variant: str
+    kernel: Any
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    options: dict[str, Any]
+    needs_wgmma: bool
+
+    @property
+    def name(self) -> str:
+        cfg = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k == "SWAP_AB")
+        return f"{self.family}[{self.variant}] {cfg} w{self.options['num_warps']}s{self.options['num_stages']}"
+
+
+def _tensor(dtype: torch.dtype) -> torch.Tensor:
+    # Only the dtype and the address's alignment matter to the specialisation; torch allocations are 64-byte aligned.
+    return torch.empty(16, dtype=dtype)
+
+
+def _signature(kernel, args: dict[str, Any], constexprs: dict[str, Any]) -> tuple[dict, dict]:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if _specialize_impl is not None:
+            kind, attr = _specialize_impl(BaseBackend, value, False, True, True)
+        else:  # pragma: no cover
+            kind, attr = ("*" + {torch.bfloat16: "bf16"}.get(value.dtype, str(value.dtype)), "D") if isinstance(value, torch.Tensor) else ("i32", "")
+        if kind == "constexpr":  # an integer argument equal to 1 is compiled as the constant 1
+            signature[name] = "constexpr"
+            constexprs = {**constexprs, name: value}
+            continue
+        signature[name] = kind
+        if attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return signature, attrs
+
+
+def _gemm_args(kind: str, M: int, N: int, K: int, rank: int, dtype: torch.dtype, double_quant: bool, bias: bool, dropout: bool):
+    t = _tensor
+    common = {
+        "packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.uint8 if double_quant else torch.float32),
+        "nested_absmax_ptr": t(torch.float32), "offset_ptr": t(torch.float32), "code_ptr": t(torch.float32),
+"nested_code_ptr": t(torch.float32),
+        "M": M, "N": N, "K": K, "rank": rank, "scale": 2.0, "m_bucket": min(triton.next_power_of_2(M), 8192),
+    }
+    if kind == "fwd":
+        return {
+            **common, "x_ptr": t(dtype), "s_parts_ptr": t(torch.float32), "lora_b_ptr": t(dtype),
+            "bias_ptr": t(dtype if bias else torch.float32), "y_ptr": t(dtype), "s_ptr": t(torch.float32),
+            "s_splits": 2, "stride_xm": K, "stride_xk": 1, "stride_s_split": M * rank, "stride_bn": rank,
+            "stride_br": 1, "stride_ym": N, "stride_yn": 1,
+        }
+    return {
+        **common, "dy_ptr": t(dtype), "ds_parts_ptr": t(torch.float32), "lora_a_ptr": t(dtype),
+        "seed_ptr": t(torch.int64), "dx_ptr": t(dtype), "ds_ptr": t(torch.float32), "ds_splits": 2,
+        "threshold": 1677722 if dropout else 0, "inv_keep": 1.0 / 0.9 if dropout else 1.0,
+        "stride_dym": N, "stride_dyn": 1, "stride_ds_split": M * rank, "stride_ar": K, "stride_ak": 1,
+        "stride_dxm": K, "stride_dxk": 1,
+    }
+
+
+def _gemm_cases(quick: bool) -> list[Case]:
+    cases = []
+    # Llama-style training / decode shapes: x [M, 4096] through a 14336×4096 weight, r = 16, blocksize 64.
+    M_LARGE, M_SMALL, N, K, RANK = 4096, 16, 14336, 4096, 16
+    variants = [  # (name, dtype, double_quant, bias / dropout, blocksize, K)
+        ("bf16,dq,aligned", torch.bfloat16, True, True, 64, K),
+        ("fp16,aligned", torch.float16, False, False, 64, K),
+        ("bf16,dq,unaligned", torch.bfloat16, True, True, 64, K + 32),
+    ]
+    families = [
+        ("fwd_large_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.large_m_configs(), M_LARGE, True),
+        ("fwd_small_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.small_m_configs(), M_SMALL, False),
+        ("bwd_dx_large_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.large_m_configs(), M_LARGE, True),
+        ("bwd_dx_small_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.small_m_configs(), M_SMALL, False),
+    ]
+    for family, kernel, kind, configs, M, needs_wgmma in families:
+        for vi, (variant, dtype, dq, flag, blocksize, k) in enumerate(variants):
+            # Every configuration of the main variant; the others once (they change the decode, not the tiling).
+            chosen = configs if vi == 0 else configs[:1]
+            if quick:
+                chosen = [configs[0], next(c for c in configs if c.kwargs["SWAP_AB"])] if vi == 0 else []
+            for config in chosen:
+                constexprs = {
+                    **config.kwargs, "BLOCK_R": 16, "BLOCKSIZE": blocksize, "ALIGNED_ROWS": k % blocksize == 0,
+                    "HAS_DOUBLE_QUANT": dq, "NESTED": 256, "WRITE_LORA": True, "DOT_FP32": False,
+                    **({"HAS_BIAS": flag} if kind == "fwd" else {"HAS_DROPOUT": flag}),
+                }
+                args = _gemm_args(kind, M, N, k, RANK, dtype, dq, flag, flag)
+                options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
+                cases.append(Case(family, variant, kernel, args, constexprs, options, needs_wgmma))
+    return cases
+
+
+def _thin_cases(quick: bool) -> list[Case]:
+    cases = []
+    M, C = 4096, 4096
+    ranks = [16] if quick else [16, 64, 256]
+    for rank in ranks:
+        for dropout in (True, False):
+            plan = thin.rows_plan(M, C, rank, torch.device("cpu"))
+            t = _tensor
+            cases.append(Case(
+                "rows", f"r={rank},{'dropout' if dropout else 'plain'}", thin._lora_rows_kernel,
+                {"x_ptr": t(torch.bfloat16), "w_ptr": t(torch.bfloat16), "parts_ptr": t(torch.float32),
+                 "seed_ptr": t(torch.int64), "M": M, "C": C, "rank": rank, "chunk": 1024, "threshold": 1677722,
+                 "inv_keep": 1.1, "stride_xm": C, "stride_xc": 1, "stride_wr": C, "stride_wc": 1,
+                 "stride_part": M * rank, "stride_part_m": rank},
+                {"BLOCK_M": plan.block_m, "BLOCK_C": plan.block_c, "BLOCK_R": plan.block_r, "HAS_DROPOUT": dropout,
+                 "DOT_FP32": False},
+                {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}, False,
+            ))
+            plan = thin.cols_plan(M, C, rank, torch.device("cpu"))
+            cases.append(Case(
+                "cols", f"r={rank},{'dropout' if dropout else 'colsum'}", thin._lora_cols_kernel,
+                {"g_ptr": t(torch.float32), "x_ptr": t(torch.bfloat16), "out_ptr": t(torch.float32),
+                 "colsum_ptr": t(torch.float32), "seed_ptr": t(torch.int64), "M": M, "C": C, "rank": rank,
+                 "chunk": 1024, "g_scale": 2.0, "threshold": 1677722, "inv_keep": 1.1, "stride_gm": rank,
+                 "stride_gr": 1, "stride_xm": C, "stride_xc": 1, "stride_out_split": rank * C, "stride_out_r": C,
+                 "stride_out_c": 1, "stride_colsum_split": C},
+                {"BLOCK_M": plan.block_m, "BLOCK_C": plan.block_c, "BLOCK_R": plan.block_r, "HAS_DROPOUT": dropout,
+                 "HAS_COLSUM": not dropout, "DOT_FP32": False},
+                {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}, False,
+            ))
+    return cases
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family)."""
+    return _gemm_cases(quick) + _thin_cases(quick)
+
+
+def _sass_stats(cubin: bytes) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    loads = re.findall(r"\bLDG\.E(?:\.[A-Z0-9_]+)*", sass)
+    widths = [int(m.group(1)) for m in (re.search(r"\.(128|64)\b", ld) for ld in loads) if m]
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "stack_bytes": int(stack.group(1)) if stack else None,
+        "spill_insts": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "ldg_total": len(loads),
+        "ldg_128": widths.count(128),
+        "ldg_64": widths.count(64),
+        "ldgsts": len(re.findall(r"\bLDGSTS\b", sass)),
+    }
+
+
+def compile_case(case: Case) -> dict[str, Any]:
+    """Compile one case for sm_90; a dict with the outcome and the PTX/SASS facts."""
+    start = time.time()
+    result: dict[str, Any] = {"name": case.name, "family": case.family, "needs_wgmma": case.needs_wgmma}
+    try:
+        signature, attrs = _signature(case.kernel, case.args, case.constexprs)
+        constexprs = {k: v for k, v in case.args.items() if signature.get(k) == "constexpr"}
+        constexprs.update(case.constexprs)
+        src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=HOPPER, options=case.options)
+        ptx = compiled.asm["ptx"]
+        result.update(
+            ok=True,
+            wgmma="wgmma.mma_async" in ptx,
+            mma_sync="mma.sync" in ptx,
+            shared_bytes=compiled.metadata.shared,
+            **_sass_stats(compiled.asm["cubin"]),
+        )
+    except Exception as exc:  # noqa: BLE001 - a failed compile is a result to report
+        result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def _compile_nth(job: tuple[bool, int]) -> dict[str, Any]:
+    # Worker entry: cases hold kernel objects, which do not pickle; rebuild the list and pick one by index.
+    quick, index = job
+    return compile_case(cases(quick)[index])
+
+
+def _problems(results: list[dict[str, Any]]) -> list[str]:
+    problems = [f"{r['name']}: does not compile: {r['error']}" for r in results if not r["ok"]]
+    problems += [f"{r['name']}: no wgmma in the PTX" for r in results if r["ok"] and r["needs_wgmma"] and not r["wgmma"]]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one plain and one swapped configuration per GEMM")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    todo = [(args.quick, i) for i, c in enumerate(cases(args.quick)) if args.filter in c.name]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_compile_nth, todo))
+    else:
+        results = [_compile_nth(job) for job in todo]
+    header = f"{'kernel / configuration':<86} {'mma':>6} {'regs':>4} {'spill':>5} {'ldg128':>6} {'ldg64':>5} {'ldg':>4} {'cp.async':>8} {'smem':>6} {'s':>5}"
+    print(header)
+    for r in results:
+        if not r["ok"]:
+            print(f"{r['name']:<86} FAILED")
+            continue
+        mma = "wgmma" if r["wgmma"] else ("mma" if r["mma_sync"] else "fma")
+        print(
+            f"{r['name']:<86} {mma:>6} {r['registers'] or '?':>4} {r['spill_insts']:>5} {r['ldg_128']:>6} "
+            f"{r['ldg_64']:>5} {r['ldg_total']:>4} {r['ldgsts']:>8} {r['shared_bytes']:>6} {r['seconds']:>5}"
+        )
+    problems = _problems(results)
+    for p in problems:
+        print("PROBLEM:", p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

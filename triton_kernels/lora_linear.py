@@ -1,0 +1,298 @@
+"""Launchers of the fused NF4 + LoRA linear: ``nf4_lora_linear_fwd`` and ``nf4_lora_linear_bwd``.
+
+Same contracts as ``qlora_kernels.reference.nf4_lora_linear_fwd`` / ``_bwd`` (2-D x [M, K], NF4 storage of W [N, K],
+lora_A [r, K], lora_B [N, r], one float dtype for x, the LoRA matrices and the bias), plus ``out_*`` buffers to be
+written in place and ``config`` to force one GEMM configuration (tests, the compile check).
+
+Launch order, forward: thin pass (S partial sums) -> GEMM (sums S, stores it, writes Y). Backward: thin pass (dS
+partial sums) -> dX GEMM (sums dS, stores it) -> dA thin pass over x -> dB (+ dbias) thin pass over dY.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import triton
+
+from qlora_kernels import reference
+
+from ._common import check_launchable, compile_options, interpreting
+from .lora_linear_gemm import (
+    SMALL_M,
+    _nf4_lora_bwd_dx_kernel,
+    _nf4_lora_fwd_kernel,
+    nf4_lora_bwd_dx_large_m,
+    nf4_lora_bwd_dx_small_m,
+    nf4_lora_fwd_large_m,
+    nf4_lora_fwd_small_m,
+)
+from .lora_linear_thin import _lora_cols_kernel, _lora_rows_kernel, block_r, cols_plan, rows_plan
+from .lora_linear_tiles import nf4_levels
+
+_NESTED = reference.NESTED_BLOCKSIZE
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The r-chunk of the LoRA product inside the GEMMs: the [BLOCK_M, BLOCK_R] operand stays small beside the tile.
+_GEMM_MAX_BLOCK_R = 64
+
+
+def _check(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax, offset, blocksize: int,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
+) -> tuple[int, int, int, int]:
+    """(M, N, K, rank) after the checks that keep a launch from reading out of bounds."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    M, K = x.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != K or not 1 <= lora_A.shape[0] <= 256:
+        raise ValueError(f"lora_A must be [r, K={K}] with 1 <= r <= 256, got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape[1] != rank:
+        raise ValueError(f"lora_B must be [N, r={rank}], got {tuple(lora_B.shape)}")
+    N = lora_B.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if blocksize not in reference.VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {reference.VALID_BLOCKSIZES}, got {blocksize}")
+    if packed.dtype != torch.uint8 or packed.numel() != (N * K + 1) // 2:
+        raise ValueError(f"packed must be uint8 [(N*K + 1) // 2 = {(N * K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}")
+    if absmax.numel() != triton.cdiv(N * K, blocksize):
+        raise ValueError(f"absmax must have {triton.cdiv(N * K, blocksize)} entries, got {absmax.numel()}")
+    if (nested_absmax is None) != (offset is None):
+        raise ValueError("nested_absmax and offset come together (double quantization) or not at all")
+    return M, N, K, rank
+
+
+def _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device) -> tuple[list[torch.Tensor], bool]:
+    """The weight's pointer arguments in kernel order, and whether it is double-quantized."""
+    code = nf4_levels(device)
+    double_quant = nested_absmax is not None
+    if double_quant and nested_code is None:
+        nested_code = reference.dynamic_map(True, device)
+    absmax = absmax.contiguous()
+    return [
+        packed.contiguous(),
+        absmax,
+        nested_absmax.contiguous() if double_quant else absmax,  # unused placeholders without double quantization
+        offset.reshape(1).float() if double_quant else absmax,
+        code,
+        nested_code.contiguous().float() if double_quant else code,
+    ], double_quant
+
+
+def _m_bucket(M: int) -> int:
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
+
+
+def _gemm_launch(tuned_small, tuned_large, raw, M: int, out_cols: int, out_tile: str, config: Optional[dict[str, Any]]):
+    """(kernel, grid, extra kwargs): the autotuned kernel for M's size class, or ``raw`` with ``config`` forced.
+    ``out_tile`` names the constexpr tiling the output columns (out_cols of them)."""
+    if config is None:
+        kernel = tuned_small if M <= SMALL_M else tuned_large
+        return kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[out_tile]),), {}
+    config = dict(config)
+    launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(out_cols, config[out_tile]),)
+    return raw, grid, {**config, **compile_options(**launch)}
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # float32 operands use exact float32 products (no TF32); the interpreter computes every dot in float32.
+    return interpreting() or dtype == torch.float32
+
+
+def _dropout_args(dropout: float, seed: Optional[torch.Tensor], device) -> tuple[bool, torch.Tensor, int, float]:
+    if dropout > 0.0:
+        if seed is None or seed.numel() != 1:
+            raise ValueError("dropout > 0 needs an int64 seed tensor with one element")
+        return True, seed.reshape(1).to(device=device, dtype=torch.int64), reference.dropout_threshold(dropout), 1.0 / (1.0 - dropout)
+    return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
+
+
+def _launch_rows(x: torch.Tensor, w_rc: tuple[torch.Tensor, int, int], rank: int, dropout_args, dot_fp32: bool) -> torch.Tensor:
+    """float32 partial sums [splits, M, rank] of dropout?(x) · Wᵀ, W given as (tensor, stride_r, stride_c)."""
+    M, C = x.shape
+    plan = rows_plan(M, C, rank, x.device)
+    parts = torch.empty((plan.splits, M, rank), dtype=torch.float32, device=x.device)
+    has_dropout, seed, threshold, inv_keep = dropout_args
+    w, stride_wr, stride_wc = w_rc
+    _lora_rows_kernel[(triton.cdiv(M, plan.block_m), plan.splits)](
+        x, w, parts, seed, M, C, rank, plan.chunk, threshold, inv_keep,
+        x.stride(0), x.stride(1), stride_wr, stride_wc, parts.stride(0), parts.stride(1),
+        BLOCK_M=plan.block_m, BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
+        HAS_DROPOUT=has_dropout, DOT_FP32=dot_fp32,
+        **compile_options(num_warps=plan.num_warps, enable_fp_fusion=False),
+    )
+    return parts
+
+
+def nf4_lora_linear_fwd(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    dropout: float,
+    seed: Optional[torch.Tensor],
+    *,
+    out: Optional[torch.Tensor] = None,
+    out_s: Optional[torch.Tensor] = None,
+    config: Optional[dict[str, Any]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``; see the module docstring."""
+    M, N, K, rank = _check(x, packed, absmax, nested_absmax, offset, blocksize, lora_A, lora_B, bias)
+    check_launchable(x, packed, absmax, nested_absmax, offset, lora_A, lora_B, bias, seed)
+    device = x.device
+    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=device)
+    if M == 0:
+        return y, out_s if out_s is not None else torch.empty((M, rank), dtype=torch.float32, device=device)
+    dot_fp32 = _dot_fp32(x.dtype)
+    dropout_args = _dropout_args(dropout, seed, device)
+    s_parts = _launch_rows(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), rank, dropout_args, dot_fp32)
+    splits = s_parts.shape[0]
+    # One split: the partial sum is S. Several (or a caller's buffer): the GEMM stores their sum (WRITE_LORA).
+    s = out_s if out_s is not None else (s_parts[0] if splits == 1 else torch.empty_like(s_parts[0]))
+    write_s = s.data_ptr() != s_parts.data_ptr()
+    nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
+    kernel, grid, extra = _gemm_launch(
+        nf4_lora_fwd_small_m, nf4_lora_fwd_large_m, _nf4_lora_fwd_kernel, M, N, "BLOCK_N", config
+    )
+    bias_arg = bias.contiguous() if bias is not None else s_parts
+    kernel[grid](
+        x, *nf4, s_parts, lora_B, bias_arg, y, s,
+        M, N, K, rank, splits, float(scale),
+        x.stride(0), x.stride(1), s_parts.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        _m_bucket(M),
+        BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
+        BLOCKSIZE=blocksize, ALIGNED_ROWS=K % blocksize == 0, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
+        HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
+        **extra, **compile_options(enable_fp_fusion=False),
+    )
+    return y, s
+
+
+def nf4_lora_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    blocksize: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout: float,
+    seed: Optional[torch.Tensor],
+    need_x: bool = True,
+    need_A: bool = True,
+    need_B: bool = True,
+    need_bias: bool = False,
+    *,
+    out_x: Optional[torch.Tensor] = None,
+    out_A: Optional[torch.Tensor] = None,
+    out_B: Optional[torch.Tensor] = None,
+    out_bias: Optional[torch.Tensor] = None,
+    config: Optional[dict[str, Any]] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward: ``(grad_x, grad_A, grad_B, grad_bias)``, None where not needed; see the module docstring."""
+    M, N, K, rank = _check(x, packed, absmax, nested_absmax, offset, blocksize, lora_A, lora_B, None)
+    if tuple(grad_y.shape) != (M, N) or grad_y.dtype != x.dtype:
+        raise ValueError(f"grad_y must be {x.dtype} [{M}, {N}], got {grad_y.dtype} {tuple(grad_y.shape)}")
+    if tuple(s.shape) != (M, rank) or s.dtype != torch.float32:
+        raise ValueError(f"s must be float32 [{M}, {rank}], got {s.dtype} {tuple(s.shape)}")
+    check_launchable(grad_y, x, s, packed, absmax, nested_absmax, offset, lora_A, lora_B, seed)
+    device = x.device
+    dtype = x.dtype
+    grad_x = (out_x if out_x is not None else torch.empty((M, K), dtype=dtype, device=device)) if need_x else None
+    grad_A = (out_A if out_A is not None else torch.empty((rank, K), dtype=dtype, device=device)) if need_A else None
+    grad_B = (out_B if out_B is not None else torch.empty((N, rank), dtype=dtype, device=device)) if need_B else None
+    grad_bias = (out_bias if out_bias is not None else torch.empty((N,), dtype=dtype, device=device)) if need_bias else None
+    if M == 0:
+        for g in (grad_A, grad_B, grad_bias):
+            if g is not None:
+                g.zero_()
+        return grad_x, grad_A, grad_B, grad_bias
+    dot_fp32 = _dot_fp32(dtype)
+    dropout_args = _dropout_args(dropout, seed, device)
+    has_dropout, seed_arg, threshold, inv_keep = dropout_args
+
+    if need_x or need_A:
+        no_dropout = _dropout_args(0.0, None, device)
+        ds_parts = _launch_rows(grad_y, (lora_B, lora_B.stride(1), lora_B.stride(0)), rank, no_dropout, dot_fp32)
+        splits = ds_parts.shape[0]
+        ds = ds_parts[0] if splits == 1 else torch.empty((M, rank), dtype=torch.float32, device=device)
+    if need_x:
+        nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
+        kernel, grid, extra = _gemm_launch(
+            nf4_lora_bwd_dx_small_m, nf4_lora_bwd_dx_large_m, _nf4_lora_bwd_dx_kernel, M, K, "BLOCK_K", config
+        )
+        kernel[grid](
+            grad_y, *nf4, ds_parts, lora_A, seed_arg, grad_x, ds,
+            M, N, K, rank, splits, float(scale), threshold, inv_keep,
+            grad_y.stride(0), grad_y.stride(1), ds_parts.stride(0), lora_A.stride(0), lora_A.stride(1),
+            grad_x.stride(0), grad_x.stride(1),
+            _m_bucket(M),
+            BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
+            BLOCKSIZE=blocksize, ALIGNED_ROWS=K % blocksize == 0, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
+            HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32,
+            **extra, **compile_options(enable_fp_fusion=False),
+        )
+    elif need_A and splits > 1:
+        ds = ds_parts.sum(0)
+    if need_A:
+        _launch_cols(ds, x, grad_A, False, None, float(scale), dropout_args, dot_fp32)
+    if need_B:
+        colsum = grad_bias if need_bias else None
+        _launch_cols(s, grad_y, grad_B, True, colsum, float(scale),
+                     _dropout_args(0.0, None, device), dot_fp32)
+    elif need_bias:
+        grad_bias.copy_(grad_y.sum(0, dtype=torch.float32))
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+def _launch_cols(
+    g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, out_is_c_by_r: bool,
+    colsum: Optional[torch.Tensor], g_scale: float, dropout_args, dot_fp32: bool,
+) -> None:
+    """out = (g_scale · g)ᵀ · dropout?(x): [r, C], or its transpose [C, r] with ``out_is_c_by_r``; ``colsum`` [C] =
+    Σ_m x when given. Several splits write float32 partial sums, added here in a fixed order."""
+    M, C = x.shape
+    rank = g.shape[1]
+    plan = cols_plan(M, C, rank, x.device)
+    has_dropout, seed, threshold, inv_keep = dropout_args
+    if plan.splits == 1:
+        parts, parts_colsum = out, colsum
+    else:
+        parts = torch.empty((plan.splits, *out.shape), dtype=torch.float32, device=x.device)
+        parts_colsum = torch.empty((plan.splits, C), dtype=torch.float32, device=x.device) if colsum is not None else None
+    stride_split = parts.stride(0) if plan.splits > 1 else 0
+    stride_r, stride_c = parts.stride(-2), parts.stride(-1)
+    if out_is_c_by_r:
+        stride_r, stride_c = stride_c, stride_r
+    _lora_cols_kernel[(triton.cdiv(C, plan.block_c), plan.splits)](
+        g, x, parts, parts_colsum if parts_colsum is not None else parts, seed,
+        M, C, rank, plan.chunk, g_scale, threshold, inv_keep,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), stride_split, stride_r, stride_c,
+        parts_colsum.stride(0) if plan.splits > 1 and parts_colsum is not None else 0,
+        BLOCK_M=plan.block_m, BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
+        HAS_DROPOUT=has_dropout, HAS_COLSUM=colsum is not None, DOT_FP32=dot_fp32,
+        **compile_options(num_warps=plan.num_warps, enable_fp_fusion=False),
+    )
+    if plan.splits > 1:
+        out.copy_(parts.sum(0))
+        if colsum is not None:
+            colsum.copy_(parts_colsum.sum(0))

@@ -1,0 +1,265 @@
+"""The two big GEMMs of the fused NF4 + LoRA linear, dequantizing NF4 inside the reduction loop.
+
+Forward:  Y [M, N]  = x · deq(W)ᵀ + (scale · S) · Bᵀ + bias      (S = dropout(x) · Aᵀ from the thin pass)
+Backward: dX [M, K] = dY · deq(W) + mask ⊙ (scale · dS) · A / (1 - p)   (dS = dY · B from the thin pass)
+
+One kernel each. The r-wide LoRA product *initialises* the accumulator (before the reduction loop, so it costs no
+extra registers beside the accumulator, and the dropout mask of dX applies to it alone), then every step of the loop
+loads a tile of packed NF4 bytes, decodes it (``load_nf4_tile``) and feeds the tensor cores. The weight is never
+materialised. The thin pass may leave S (or dS) as float32 partial sums over column splits; the GEMM adds them up
+while initialising and, with WRITE_LORA, the first program column stores the sum for the backward.
+
+SWAP_AB computes the transposed tile (deq(W) · xᵀ instead of x · deq(W)ᵀ) so that the decoded weight, which lives in
+registers, is the left operand of Hopper's wgmma (the one that may come from registers; the right one must come
+from shared memory). Both orientations are autotuning candidates (DESIGN.md, "Kernels: the plan": measure both).
+
+The same forward kernel serves decode-sized M (≤ 16 rows) with its own configurations: one M tile, so the packed
+weight is read exactly once, in BLOCK_K / 2-byte row segments (wide loads), with many narrow N tiles to spread the
+memory traffic over the SMs. That case is memory-bound; its floor is bytes(NF4 weight) / HBM bandwidth.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+from .lora_linear_tiles import dropout_keep, load_nf4_tile, mma, to_dot_operand
+
+SMALL_M = 16  # rows up to which the decode-shaped configurations serve
+
+
+def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def large_m_configs() -> list[triton.Config]:
+    """Candidates for training shapes on Hopper (H100/H200), both operand orders. One small tile when interpreting:
+    the interpreter cannot autotune, and small tiles keep its Python-speed loops short."""
+    if interpreting():
+        return [_config(32, 32, 64, 1, 1, False, group_m=2)]
+    return [
+        _config(128, 128, 64, 8, 3, False),
+        _config(128, 256, 64, 8, 3, False),
+        _config(128, 128, 64, 4, 4, False),
+        _config(64, 128, 64, 4, 4, False),
+        _config(128, 128, 128, 8, 3, False),
+        _config(128, 128, 64, 8, 3, True),
+        _config(128, 256, 64, 8, 3, True),
+        _config(64, 128, 64, 4, 4, True),
+        _config(128, 128, 128, 8, 3, True),
+    ]
+
+
+def small_m_configs() -> list[triton.Config]:
+    """Candidates for M ≤ 16 (decode): one 16-row M tile, narrow N tiles, long K steps (wide byte loads). With
+    SWAP_AB the weight tile is wgmma's 64-row left operand and the 16 token rows its N dimension."""
+    if interpreting():
+        return [_config(16, 32, 64, 1, 1, True, group_m=1)]
+    return [
+        _config(16, 16, 256, 4, 3, False, group_m=1),
+        _config(16, 32, 256, 4, 3, False, group_m=1),
+        _config(16, 64, 128, 4, 4, False, group_m=1),
+        _config(16, 32, 512, 4, 2, False, group_m=1),
+        _config(16, 64, 256, 4, 3, True, group_m=1),
+        _config(16, 128, 128, 4, 3, True, group_m=1),
+        _config(16, 64, 512, 4, 2, True, group_m=1),
+    ]
+
+
+# Every constexpr that is not a tile size, plus the shape: a new value re-tunes (DESIGN.md, "Conventions").
+FWD_TUNING_KEY = [
+    "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_BIAS",
+    "WRITE_LORA", "DOT_FP32",
+]
+DX_TUNING_KEY = [
+    "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_DROPOUT",
+    "WRITE_LORA", "DOT_FP32",
+]
+
+
+@triton.jit
+def _tile_ids(M, OUT, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M consecutive row tiles sweep the output columns together, so the weight tiles they
+    # share stay in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_out = tl.cdiv(OUT, BLOCK_OUT)
+    per_group = GROUP_M * tiles_out
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_out = (pid % per_group) // group_m
+    return pid_m.to(tl.int64), pid_out.to(tl.int64)
+
+
+@triton.jit
+def _lora_init(
+    parts_ptr, stride_part, stride_part_m, lora_parts, lora_out_ptr, write_lora,
+    right_ptr, stride_right_out, stride_right_r,
+    offs_m, offs_out, mask_m, mask_out, rank, scale,
+    BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_R: tl.constexpr, SWAP_AB: tl.constexpr,
+    WRITE_LORA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The accumulator's first value: (scale · L) · Rᵀ for the tile, with L [M, rank] the float32 LoRA intermediate
+    (the sum of ``lora_parts`` partial sums) and R [OUT, rank] the LoRA matrix on the output side. [BLOCK_M,
+    BLOCK_OUT], or its transpose with SWAP_AB. With WRITE_LORA, ``write_lora`` programs store the summed L."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_OUT, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        mask_mr = mask_m[:, None] & mask_r[None, :]
+        part_ptrs = parts_ptr + offs_m[:, None] * stride_part_m + offs_r[None, :]
+        lora = tl.load(part_ptrs, mask=mask_mr, other=0.0)
+        for split in range(1, lora_parts):
+            lora += tl.load(part_ptrs + split * stride_part, mask=mask_mr, other=0.0)
+        if WRITE_LORA:
+            if write_lora:
+                tl.store(lora_out_ptr + offs_m[:, None] * rank + offs_r[None, :], lora, mask=mask_mr)
+        lora = to_dot_operand(lora * scale, DTYPE, DOT_FP32)
+        right = tl.load(
+            right_ptr + offs_out[:, None] * stride_right_out + offs_r[None, :] * stride_right_r,
+            mask=mask_out[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        right = to_dot_operand(right, DTYPE, DOT_FP32)
+        if SWAP_AB:
+            acc = mma(right, tl.trans(lora), acc, DOT_FP32)
+        else:
+            acc = mma(lora, tl.trans(right), acc, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _nf4_lora_fwd_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+    s_parts_ptr, lora_b_ptr, bias_ptr, y_ptr, s_ptr,
+    M, N, K, rank, s_splits, scale,
+    stride_xm, stride_xk, stride_s_split, stride_bn, stride_br, stride_ym, stride_yn,
+    m_bucket,  # noqa: ARG001 - autotuning key only (a power-of-two bucket of M)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+
+    acc = _lora_init(
+        s_parts_ptr, stride_s_split, rank, s_splits, s_ptr, pid_n == 0,
+        lora_b_ptr, stride_bn, stride_br,
+        offs_m, offs_n, mask_m, mask_n, rank, scale,
+        BLOCK_M, BLOCK_N, BLOCK_R, SWAP_AB, WRITE_LORA, DTYPE, DOT_FP32,
+    )
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        w = load_nf4_tile(
+            packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+            offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED,
+        )
+        x = to_dot_operand(x, DTYPE, DOT_FP32)
+        w = to_dot_operand(w, DTYPE, DOT_FP32)
+        if SWAP_AB:
+            acc = mma(w, tl.trans(x), acc, DOT_FP32)
+        else:
+            acc = mma(x, tl.trans(w), acc, DOT_FP32)
+
+    if SWAP_AB:
+        y_ptrs = y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
+        tl.store(y_ptrs, acc.to(DTYPE), mask=mask_n[:, None] & mask_m[None, :])
+    else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(DTYPE), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _nf4_lora_bwd_dx_kernel(
+    dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+    ds_parts_ptr, lora_a_ptr, seed_ptr, dx_ptr, ds_ptr,
+    M, N, K, rank, ds_splits, scale, threshold, inv_keep,
+    stride_dym, stride_dyn, stride_ds_split, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    m_bucket,  # noqa: ARG001 - autotuning key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # The output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps, reading the weight
+    # tile W[n0 : n0 + BLOCK_N, k-tile] (rows contiguous along K, the output dimension here).
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    DTYPE: tl.constexpr = dx_ptr.dtype.element_ty
+
+    # lora_A [rank, K] is the right-hand LoRA matrix R [K, rank] read through swapped strides.
+    acc = _lora_init(
+        ds_parts_ptr, stride_ds_split, rank, ds_splits, ds_ptr, pid_k == 0,
+        lora_a_ptr, stride_ak, stride_ar,
+        offs_m, offs_k, mask_m, mask_k, rank, scale,
+        BLOCK_M, BLOCK_K, BLOCK_R, SWAP_AB, WRITE_LORA, DTYPE, DOT_FP32,
+    )
+    if HAS_DROPOUT:
+        # The LoRA path saw dropout(x): its gradient is masked and rescaled; the base path's is not.
+        if SWAP_AB:
+            keep = dropout_keep(offs_m[None, :] * K + offs_k[:, None], seed_ptr, threshold)
+        else:
+            keep = dropout_keep(offs_m[:, None] * K + offs_k[None, :], seed_ptr, threshold)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        w = load_nf4_tile(
+            packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+            offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED,
+        )
+        dy = to_dot_operand(dy, DTYPE, DOT_FP32)
+        w = to_dot_operand(w, DTYPE, DOT_FP32)
+        if SWAP_AB:
+            acc = mma(tl.trans(w), tl.trans(dy), acc, DOT_FP32)
+        else:
+            acc = mma(dy, w, acc, DOT_FP32)
+
+    if SWAP_AB:
+        dx_ptrs = dx_ptr + offs_k[:, None] * stride_dxk + offs_m[None, :] * stride_dxm
+        tl.store(dx_ptrs, acc.to(DTYPE), mask=mask_k[:, None] & mask_m[None, :])
+    else:
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(DTYPE), mask=mask_m[:, None] & mask_k[None, :])
+
+
+# Autotuned entry points. The raw kernels above stay launchable with an explicit configuration (tests, the sm_90
+# compile check).
+nf4_lora_fwd_large_m = triton.autotune(configs=large_m_configs(), key=FWD_TUNING_KEY)(_nf4_lora_fwd_kernel)
+nf4_lora_fwd_small_m = triton.autotune(configs=small_m_configs(), key=FWD_TUNING_KEY)(_nf4_lora_fwd_kernel)
+nf4_lora_bwd_dx_large_m = triton.autotune(configs=large_m_configs(), key=DX_TUNING_KEY)(_nf4_lora_bwd_dx_kernel)
+nf4_lora_bwd_dx_small_m = triton.autotune(configs=small_m_configs(), key=DX_TUNING_KEY)(_nf4_lora_bwd_dx_kernel)

@@ -1,0 +1,144 @@
+"""Device functions shared by the fused NF4 + LoRA kernels: NF4 weight tiles, the dropout hash, dot-operand casts.
+
+Nothing here launches. The kernels in ``lora_linear_gemm`` and ``lora_linear_thin`` inline these ``@triton.jit``
+functions. The NF4 arithmetic is the reference's (``qlora_kernels.reference.dequantize_nf4``): ``level · absmax`` in
+float32, the double-quantized absmax decoded as ``nested_code[q] · nested_absmax[b >> 8] + offset`` (kernels that
+use these functions are compiled with FMA contraction off so that this stays two roundings, as in bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_kernels import reference
+
+
+_DEVICE_CODES: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_levels(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 levels, float32, on ``device`` (cached: the kernels gather from this 64-byte table)."""
+    device = torch.device(device)
+    if device not in _DEVICE_CODES:
+        _DEVICE_CODES[device] = reference.nf4_code(device)
+    return _DEVICE_CODES[device]
+
+
+@triton.jit
+def to_dot_operand(t, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Round ``t`` to the operand dtype; under the interpreter (or for float32) widen to float32 afterwards, because
+    the interpreter's ``tl.dot`` is wrong on bfloat16 (the rounding to DTYPE is kept, so results match a GPU's)."""
+    t = t.to(DTYPE)
+    if DOT_FP32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr):
+    """``acc + a · b`` on the tensor cores; full float32 precision (no TF32) when the operands are float32."""
+    if DOT_FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _fmix32(h):
+    # MurmurHash3's 32-bit finalizer, on uint32 (wrapping multiplications, logical shifts).
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def dropout_keep(index, seed_ptr, threshold):
+    """bool tile: whether dropout keeps the elements at flat ``index`` (int64, row · K + column) under the int64
+    seed at ``seed_ptr``. Bit for bit ``reference.dropout_hash(index, seed) >> 8 >= threshold``."""
+    seed = tl.load(seed_ptr)
+    key = _fmix32((seed & 0xFFFFFFFF).to(tl.uint32))
+    seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    h = _fmix32(_fmix32(lo ^ key) ^ (hi + seed_hi))
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _block_absmax(
+    block, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, nested_code_ptr,
+    HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+):
+    # float32 absmax of the NF4 blocks ``block`` (any shape); 0 where masked off.
+    if HAS_DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
+        absmax = tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def load_nf4_tile(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+    offs_n, k0, N, K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+):
+    """float32 [BLOCK_N, BLOCK_K]: deq(W)[offs_n, k0 : k0 + BLOCK_K] of the NF4 weight W [N, K].
+
+    Out-of-range elements come back finite (the caller masks them out of its product or its store). Element (n, k)
+    is flat index n·K + k: its byte is index // 2 (high nibble when the index is even), its block index // BLOCKSIZE.
+
+    ALIGNED_ROWS (K % BLOCKSIZE == 0, so K is even and every row starts a byte and a block): the tile is read as
+    [BLOCK_N, BLOCK_K / 2] contiguous bytes per row (wide loads), one absmax per row and run of
+    GROUP = min(BLOCK_K, BLOCKSIZE) columns. Otherwise (a row may start mid-byte or mid-block): one byte, nibble and
+    absmax gather per element - correct for any K, slower. ``k0`` is a multiple of BLOCK_K.
+
+    The levels come from a gather in the 16-entry float32 table ``code_ptr``: 64 bytes, so a warp's 32 lookups
+    touch one cache line (a 256-entry table of level pairs halves the gathers but spreads each warp's lookups over
+    ~14 lines of L1).
+    """
+    mask_n = offs_n < N
+    if ALIGNED_ROWS:
+        GROUP: tl.constexpr = min(BLOCK_K, BLOCKSIZE)
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        PAIRS: tl.constexpr = GROUP // 2
+        # Bytes per row written so that the compiler sees a multiple of BLOCKSIZE / 2 >= 16 (16-byte row starts,
+        # hence 16-byte loads); likewise the tile's first byte column, a multiple of BLOCK_K / 2.
+        row_bytes = (K // BLOCKSIZE) * (BLOCKSIZE // 2)
+        first_pair = tl.multiple_of(k0 // 2, BLOCK_K // 2)
+        offs_g = tl.arange(0, GROUPS)
+        col_pair = first_pair + offs_g[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :]  # [GROUPS, PAIRS]
+        byte_ptrs = packed_ptr + offs_n[:, None, None] * row_bytes + col_pair[None, :, :]
+        mask_byte = mask_n[:, None, None] & (col_pair < row_bytes)[None, :, :]
+        byte = tl.load(byte_ptrs, mask=mask_byte, other=0).to(tl.int32)
+        level_hi = tl.load(code_ptr + (byte >> 4))
+        level_lo = tl.load(code_ptr + (byte & 0xF))
+        col_group = k0 + offs_g * GROUP
+        block = offs_n[:, None] * (K // BLOCKSIZE) + (col_group // BLOCKSIZE)[None, :]
+        mask_block = mask_n[:, None] & (col_group < K)[None, :]
+        absmax = _block_absmax(
+            block, mask_block, absmax_ptr, nested_absmax_ptr, offset_ptr, nested_code_ptr, HAS_DOUBLE_QUANT, NESTED
+        )[:, :, None]
+        # [BLOCK_N, GROUPS, PAIRS, 2] -> [BLOCK_N, BLOCK_K]: column g·GROUP + 2p + j, j = 0 for the high nibble.
+        w = tl.reshape(tl.join(level_hi * absmax, level_lo * absmax), [BLOCK_N, BLOCK_K])
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        index = offs_n[:, None] * K + offs_k[None, :]
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        byte = tl.load(packed_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> (4 - 4 * (index & 1)).to(tl.int32)) & 0xF
+        absmax = _block_absmax(
+            index // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, offset_ptr, nested_code_ptr,
+            HAS_DOUBLE_QUANT, NESTED,
+        )
+        w = tl.load(code_ptr + nibble) * absmax
+    return w
