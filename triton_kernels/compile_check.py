@@ -6,8 +6,10 @@ For each kernel × configuration × feature variant: ``triton.compile`` for ``GP
 kernel's AST with the argument specialisation a real launch would get (16-byte-aligned pointers, strides that are
 multiples of 16, unit strides as constants), then the PTX (``wgmma`` = Hopper's asynchronous tensor-core MMA, or
 the older ``mma.sync``) and the SASS of the cubin (Triton ships ``cuobjdump``/``nvdisasm``): registers, local-memory
-spills (``LDL``/``STL``), the widest global loads and ``HGMMA`` count. Exit status 1 when a configuration fails to
-compile or a large-M GEMM configuration does not use ``wgmma``.
+spills (``LDL``/``STL``), the global loads and copies (128-bit ones, cp.async), shared memory, whether the packed
+NF4 bytes arrive in 16-byte copies ("nf4B") and whether a wgmma stays in flight while the next tile is decoded
+("ovl"). Exit status 1 when a configuration fails to compile, overflows shared memory, or is a large-M GEMM
+configuration without ``wgmma``.
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the kernels' compiled form); DESIGN.md, "Looking
 at GPU code without a GPU".
@@ -44,6 +46,7 @@ except ImportError:  # pragma: no cover - older Triton
     _specialize_impl = None
 
 HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may opt in to on sm_90 (227 KB)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -70,23 +73,37 @@ def _tensor(dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(16, dtype=dtype)
 
 
+_TYPE_NAMES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32",
+    torch.int8: "i8", torch.uint8: "u8",
+}
+
+
+def _specialize(value: Any) -> tuple[str, str]:
+    """(type, attribute) of one launch argument, as Triton's launcher specialises it: 16-byte-aligned pointers and
+    integers divisible by 16 get "D" (divisibility 16); an integer equal to 1 becomes a constant."""
+    if _specialize_impl is not None:
+        return _specialize_impl(BaseBackend, value, False, True, True)
+    if isinstance(value, torch.Tensor):  # pragma: no cover - Triton without the native specialiser
+        return "*" + _TYPE_NAMES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):  # pragma: no cover
+        return "u1", ""
+    if isinstance(value, int):  # pragma: no cover
+        if value == 1:
+            return "constexpr", ""
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
+    return "fp32", ""  # pragma: no cover
+
+
 def _signature(kernel, args: dict[str, Any], constexprs: dict[str, Any]) -> tuple[dict, dict]:
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        value = args[name]
-        if _specialize_impl is not None:
-            kind, attr = _specialize_impl(BaseBackend, value, False, True, True)
-        else:  # pragma: no cover
-            kind, attr = ("*" + {torch.bfloat16: "bf16"}.get(value.dtype, str(value.dtype)), "D") if isinstance(value, torch.Tensor) else ("i32", "")
-        if kind == "constexpr":  # an integer argument equal to 1 is compiled as the constant 1
-            signature[name] = "constexpr"
-            constexprs = {**constexprs, name: value}
-            continue
-        signature[name] = kind
-        if attr:
+        kind, attr = _specialize(args[name])
+        signature[name] = kind  # "constexpr" for an integer equal to 1, compiled as the constant 1
+        if attr and kind != "constexpr":
             attrs[(i,)] = BaseBackend.parse_attr(attr)
     return signature, attrs
 
@@ -125,17 +142,19 @@ def _gemm_cases(quick: bool) -> list[Case]:
         ("bf16,dq,unaligned", torch.bfloat16, True, True, 64, K + 32),
     ]
     families = [
-        ("fwd_large_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.large_m_configs(), M_LARGE, True),
-        ("fwd_small_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.small_m_configs(), M_SMALL, False),
-        ("bwd_dx_large_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.large_m_configs(), M_LARGE, True),
-        ("bwd_dx_small_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.small_m_configs(), M_SMALL, False),
+        ("fwd_large_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.fwd_large_m_configs(), M_LARGE, True),
+        ("fwd_small_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.fwd_small_m_configs(), M_SMALL, False),
+        ("bwd_dx_large_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.dx_large_m_configs(), M_LARGE, True),
+        ("bwd_dx_small_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.dx_small_m_configs(), M_SMALL, False),
     ]
     for family, kernel, kind, configs, M, needs_wgmma in families:
         for vi, (variant, dtype, dq, flag, blocksize, k) in enumerate(variants):
             # Every configuration of the main variant; the others once (they change the decode, not the tiling).
-            chosen = configs if vi == 0 else configs[:1]
+            # The configurations as the autotuner launches them (its pruning hook adapts the per-element path).
+            chosen = gemm.adapt_to_decode_path(configs, ALIGNED_ROWS=k % blocksize == 0)
+            chosen = chosen if vi == 0 else chosen[:1]
             if quick:
-                chosen = [configs[0], next(c for c in configs if c.kwargs["SWAP_AB"])] if vi == 0 else []
+                chosen = [chosen[0], next(c for c in chosen if c.kwargs["SWAP_AB"])] if vi == 0 else []
             for config in chosen:
                 constexprs = {
                     **config.kwargs, "BLOCK_R": 16, "BLOCKSIZE": blocksize, "ALIGNED_ROWS": k % blocksize == 0,
@@ -206,7 +225,23 @@ def _sass_stats(cubin: bytes) -> dict[str, Any]:
         "ldg_128": widths.count(128),
         "ldg_64": widths.count(64),
         "ldgsts": len(re.findall(r"\bLDGSTS\b", sass)),
+        "ldgsts_128": len(re.findall(r"\bLDGSTS(?:\.[A-Z0-9_]+)*\.128\b", sass)),
     }
+
+
+def _packed_byte_contiguity(ttgir: str) -> int | None:
+    """Bytes per copy of the packed NF4 codes in the pipelined K-loop (``load_nf4_tile``'s ``byte`` loads): 16 means
+    16-byte cp.async copies. None when those loads are not pipelined copies (per-element path, or no pipelining)."""
+    found = [int(m.group(1)) for m in re.finditer(
+        r"%byte\w* = ttg\.async_copy_global_to_local .*?\{contiguity = (\d+) : i32\} : tensor<[^>]*ptr<i8>", ttgir)]
+    return min(found) if found else None
+
+
+def _wgmma_overlaps(ttgir: str) -> bool:
+    """Whether some wgmma is left in flight while the warps go on (a wait with pendings >= 1): the tensor cores
+    then overlap the next tile's NF4 decode. With the decoded tile on wgmma's shared-memory operand Triton waits at
+    once (pendings = 0) - the case for SWAP_AB."""
+    return any(int(p) > 0 for p in re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ttgir))
 
 
 def compile_case(case: Case) -> dict[str, Any]:
@@ -225,6 +260,8 @@ def compile_case(case: Case) -> dict[str, Any]:
             wgmma="wgmma.mma_async" in ptx,
             mma_sync="mma.sync" in ptx,
             shared_bytes=compiled.metadata.shared,
+            packed_contiguity=_packed_byte_contiguity(compiled.asm["ttgir"]),
+            wgmma_overlap=_wgmma_overlaps(compiled.asm["ttgir"]),
             **_sass_stats(compiled.asm["cubin"]),
         )
     except Exception as exc:  # noqa: BLE001 - a failed compile is a result to report
@@ -242,6 +279,10 @@ def _compile_nth(job: tuple[bool, int]) -> dict[str, Any]:
 def _problems(results: list[dict[str, Any]]) -> list[str]:
     problems = [f"{r['name']}: does not compile: {r['error']}" for r in results if not r["ok"]]
     problems += [f"{r['name']}: no wgmma in the PTX" for r in results if r["ok"] and r["needs_wgmma"] and not r["wgmma"]]
+    problems += [
+        f"{r['name']}: {r['shared_bytes']} bytes of shared memory > {HOPPER_MAX_SHARED}"
+        for r in results if r["ok"] and r["shared_bytes"] > HOPPER_MAX_SHARED
+    ]
     return problems
 
 
@@ -258,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             results = list(pool.map(_compile_nth, todo))
     else:
         results = [_compile_nth(job) for job in todo]
-    header = f"{'kernel / configuration':<86} {'mma':>6} {'regs':>4} {'spill':>5} {'ldg128':>6} {'ldg64':>5} {'ldg':>4} {'cp.async':>8} {'smem':>6} {'s':>5}"
+    header = (
+        f"{'kernel / configuration':<86} {'mma':>6} {'ovl':>3} {'regs':>4} {'spill':>5} {'nf4B':>4} {'ldg128':>6} {'ldg':>4} "
+        f"{'cp128':>5} {'cp':>4} {'smem':>6} {'s':>5}"
+    )
     print(header)
     for r in results:
         if not r["ok"]:
@@ -266,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mma = "wgmma" if r["wgmma"] else ("mma" if r["mma_sync"] else "fma")
         print(
-            f"{r['name']:<86} {mma:>6} {r['registers'] or '?':>4} {r['spill_insts']:>5} {r['ldg_128']:>6} "
-            f"{r['ldg_64']:>5} {r['ldg_total']:>4} {r['ldgsts']:>8} {r['shared_bytes']:>6} {r['seconds']:>5}"
+            f"{r['name']:<86} {mma:>6} {'yes' if r['wgmma_overlap'] else 'no':>3} {r['registers'] or '?':>4} {r['spill_insts']:>5} "
+            f"{r['packed_contiguity'] or '-':>4} {r['ldg_128']:>6} {r['ldg_total']:>4} {r['ldgsts_128']:>5} "
+            f"{r['ldgsts']:>4} {r['shared_bytes']:>6} {r['seconds']:>5}"
         )
     problems = _problems(results)
     for p in problems:

@@ -37,38 +37,80 @@ def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
     )
 
 
-def large_m_configs() -> list[triton.Config]:
-    """Candidates for training shapes on Hopper (H100/H200), both operand orders. One small tile when interpreting:
-    the interpreter cannot autotune, and small tiles keep its Python-speed loops short."""
-    if interpreting():
-        return [_config(32, 32, 64, 1, 1, False, group_m=2)]
-    return [
-        _config(128, 128, 64, 8, 3, False),
-        _config(128, 256, 64, 8, 3, False),
-        _config(128, 128, 64, 4, 4, False),
-        _config(64, 128, 64, 4, 4, False),
-        _config(128, 128, 128, 8, 3, False),
-        _config(128, 128, 64, 8, 3, True),
-        _config(128, 256, 64, 8, 3, True),
-        _config(64, 128, 64, 4, 4, True),
-        _config(128, 128, 128, 8, 3, True),
-    ]
+# Candidates for training shapes on Hopper (H100/H200), both operand orders. Chosen from the sm_90 compile check
+# (python -m qlora_kernels.triton_kernels.compile_check): configurations that spill registers or overflow the 227 KB
+# of shared memory are left out (4-warp 128×128 tiles, 128×256 dX tiles, BLOCK_K = 128 for dX all spilled).
+_FWD_LARGE_M = [
+    (128, 128, 64, 8, 3, False),
+    (128, 256, 64, 8, 3, False),
+    (128, 128, 64, 8, 3, True),
+    (128, 128, 64, 8, 4, True),
+    (128, 256, 64, 8, 3, True),
+    (64, 128, 64, 4, 4, True),
+    (128, 128, 128, 8, 3, True),
+]
+_DX_LARGE_M = [
+    (128, 128, 64, 8, 3, False),
+    (64, 128, 64, 4, 4, False),
+    (128, 128, 64, 8, 3, True),
+    (128, 128, 64, 8, 4, True),
+    (64, 128, 64, 4, 4, True),
+]
+# Decode (M ≤ 16): one 16-row M tile, narrow output tiles, long reduction steps (wide byte loads). With SWAP_AB the
+# weight tile is wgmma's 64/128-row left operand and the token rows its N dimension.
+_SMALL_M = [
+    (16, 16, 256, 4, 3, False),
+    (16, 32, 256, 4, 3, False),
+    (16, 64, 256, 4, 3, True),
+    (16, 128, 128, 4, 3, True),
+]
+_FWD_SMALL_M = _SMALL_M + [(16, 64, 128, 4, 4, False)]
+_DX_SMALL_M = _SMALL_M
 
 
-def small_m_configs() -> list[triton.Config]:
-    """Candidates for M ≤ 16 (decode): one 16-row M tile, narrow N tiles, long K steps (wide byte loads). With
-    SWAP_AB the weight tile is wgmma's 64-row left operand and the 16 token rows its N dimension."""
+def _configs(table) -> list[triton.Config]:
+    # One small tile when interpreting: the interpreter cannot autotune, and small tiles keep its Python-speed loops
+    # short. The single interpreter configuration of the decode family is the swapped one (the large family's is
+    # not), so the default launches exercise both orientations.
     if interpreting():
-        return [_config(16, 32, 64, 1, 1, True, group_m=1)]
-    return [
-        _config(16, 16, 256, 4, 3, False, group_m=1),
-        _config(16, 32, 256, 4, 3, False, group_m=1),
-        _config(16, 64, 128, 4, 4, False, group_m=1),
-        _config(16, 32, 512, 4, 2, False, group_m=1),
-        _config(16, 64, 256, 4, 3, True, group_m=1),
-        _config(16, 128, 128, 4, 3, True, group_m=1),
-        _config(16, 64, 512, 4, 2, True, group_m=1),
-    ]
+        small = table[0][0] == SMALL_M
+        return [_config(16, 32, 64, 1, 1, True, group_m=1) if small else _config(32, 32, 64, 1, 1, False, group_m=2)]
+    return [_config(*row, group_m=1 if row[0] == SMALL_M else 8) for row in table]
+
+
+def fwd_large_m_configs() -> list[triton.Config]:
+    """Autotuning candidates of the forward GEMM for M > 16."""
+    return _configs(_FWD_LARGE_M)
+
+
+def fwd_small_m_configs() -> list[triton.Config]:
+    """Autotuning candidates of the forward GEMM for M ≤ 16 (memory-bound decode)."""
+    return _configs(_FWD_SMALL_M)
+
+
+def dx_large_m_configs() -> list[triton.Config]:
+    """Autotuning candidates of the dX GEMM for M > 16."""
+    return _configs(_DX_LARGE_M)
+
+
+def dx_small_m_configs() -> list[triton.Config]:
+    """Autotuning candidates of the dX GEMM for M ≤ 16."""
+    return _configs(_DX_SMALL_M)
+
+
+def adapt_to_decode_path(configs: list[triton.Config], named_args=None, **kwargs) -> list[triton.Config]:
+    """Autotuner pruning hook. The per-element decode path (ALIGNED_ROWS false: K not a multiple of the blocksize)
+    gathers a byte, a level and an absmax per weight element; the software pipeliner would stage all of them in
+    shared memory (over 256 KB at 128×128 tiles), so that path runs its loop unpipelined."""
+    if kwargs.get("ALIGNED_ROWS", True):
+        return configs
+    seen, adapted = set(), []
+    for c in configs:
+        key = tuple(sorted(c.kwargs.items())) + (c.num_warps,)
+        if key not in seen:
+            seen.add(key)
+            adapted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1))
+    return adapted
 
 
 # Every constexpr that is not a tile size, plus the shape: a new value re-tunes (DESIGN.md, "Conventions").
@@ -259,7 +301,11 @@ def _nf4_lora_bwd_dx_kernel(
 
 # Autotuned entry points. The raw kernels above stay launchable with an explicit configuration (tests, the sm_90
 # compile check).
-nf4_lora_fwd_large_m = triton.autotune(configs=large_m_configs(), key=FWD_TUNING_KEY)(_nf4_lora_fwd_kernel)
-nf4_lora_fwd_small_m = triton.autotune(configs=small_m_configs(), key=FWD_TUNING_KEY)(_nf4_lora_fwd_kernel)
-nf4_lora_bwd_dx_large_m = triton.autotune(configs=large_m_configs(), key=DX_TUNING_KEY)(_nf4_lora_bwd_dx_kernel)
-nf4_lora_bwd_dx_small_m = triton.autotune(configs=small_m_configs(), key=DX_TUNING_KEY)(_nf4_lora_bwd_dx_kernel)
+def _tuned(kernel, configs: list[triton.Config], key: list[str]):
+    return triton.autotune(configs, key, prune_configs_by={"early_config_prune": adapt_to_decode_path})(kernel)
+
+
+nf4_lora_fwd_large_m = _tuned(_nf4_lora_fwd_kernel, fwd_large_m_configs(), FWD_TUNING_KEY)
+nf4_lora_fwd_small_m = _tuned(_nf4_lora_fwd_kernel, fwd_small_m_configs(), FWD_TUNING_KEY)
+nf4_lora_bwd_dx_large_m = _tuned(_nf4_lora_bwd_dx_kernel, dx_large_m_configs(), DX_TUNING_KEY)
+nf4_lora_bwd_dx_small_m = _tuned(_nf4_lora_bwd_dx_kernel, dx_small_m_configs(), DX_TUNING_KEY)

@@ -145,18 +145,21 @@ def _split(reduce_len: int, reduce_tile: int, parallel_tiles: int, device: torch
 
 
 def rows_plan(M: int, C: int, rank: int, device: torch.device) -> ThinPlan:
-    """Plan of ``_lora_rows_kernel`` over X [M, C]: the [BLOCK_M, BLOCK_R] accumulator stays ≤ 8K floats."""
+    """Plan of ``_lora_rows_kernel`` over X [M, C]. Tiles shrink as the rank grows: the [BLOCK_M, BLOCK_R]
+    accumulator stays ≤ 4K floats and the [BLOCK_C, BLOCK_R] operand ≤ 16K values (larger ones spilled at r = 256
+    in the sm_90 compile check)."""
     br = block_r(rank)
-    bm = 16 if M <= 16 or interpreting() else max(16, min(64, 8192 // br))
-    bc = 64 if interpreting() else 128
+    bm = 16 if M <= 16 or interpreting() else max(16, min(64, 4096 // br))
+    bc = 64 if interpreting() or br > 64 else 128
     splits, chunk = _split(C, bc, triton.cdiv(M, bm), device)
     return ThinPlan(bm, bc, br, splits, chunk, num_warps=1 if interpreting() else 4)
 
 
 def cols_plan(M: int, C: int, rank: int, device: torch.device) -> ThinPlan:
-    """Plan of ``_lora_cols_kernel`` over X [M, C]: the [BLOCK_R, BLOCK_C] accumulator stays ≤ 8K floats."""
+    """Plan of ``_lora_cols_kernel`` over X [M, C]: the [BLOCK_R, BLOCK_C] accumulator and the [BLOCK_M, BLOCK_R]
+    float32 operand stay ≤ 8K floats each."""
     br = block_r(rank)
     bc = 32 if interpreting() else max(32, min(128, 8192 // br))
-    bm = 32 if interpreting() else 64
+    bm = 32 if interpreting() else max(16, min(64, 8192 // br))
     splits, chunk = _split(M, bm, triton.cdiv(C, bc), device)
     return ThinPlan(bm, bc, br, splits, chunk, num_warps=1 if interpreting() else 4)
