@@ -22,9 +22,11 @@ from torch import nn
 
 from ..functional import nf4_lora_linear
 from ..nf4 import NF4Weight
-from ..nn import bnb_cpu_repacked, restore_bnb_nf4_layout
+from ..nn import restore_bnb_nf4_layout
 
 __all__ = ["patch_peft_model", "unpatch_peft_model"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _lora_layer_classes() -> tuple[type, ...]:
@@ -74,7 +76,7 @@ class FusedLoraForward:
         self.saved_cpu_packing = getattr(base, "support_avx512bf16_for_cpu", None)
         if self.saved_cpu_packing is not None:
             base.support_avx512bf16_for_cpu = False
-        self._cache: Optional[tuple[Any, int, NF4Weight]] = None
+        self._cache: Optional[tuple[Any, Any, torch.Tensor, NF4Weight]] = None
 
     # A deep copy or pickle of the model must not copy the cached view of the base storage.
     def __getstate__(self) -> dict[str, Any]:
@@ -84,47 +86,54 @@ class FusedLoraForward:
         """peft's own forward of this layer."""
         return type(self.layer).forward(self.layer, x, *args, **kwargs)
 
-    def fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
-        """The adapter a fused call would apply, or None when this call must run peft's forward."""
+    def fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[tuple[str, NF4Weight]]:
+        """(adapter, base weight) when this call can take the fused path, else None (peft's forward runs).
+
+        Runs at every call, so it reads each attribute once: the base is a Linear4bit with an NF4 weight (checked
+        when patching; peft never swaps base layers), and touching its Params4bit costs microseconds a time.
+        """
         layer = self.layer
         # adapter_names (mixed batches), variant arguments such as alora_offsets, or anything meant for the base.
-        if args or any(value is not None for value in kwargs.values()):
+        if args or (kwargs and any(value is not None for value in kwargs.values())):
             return None
-        if layer.disable_adapters or layer.merged:
+        if layer.disable_adapters or layer.merged_adapters:
             return None
-        adapters = [name for name in layer.active_adapters if name in layer.lora_A]
-        if len(adapters) != 1:
+        lora_A = layer.lora_A
+        active = [name for name in layer.active_adapters if name in lora_A]
+        if len(active) != 1:
             return None
-        name = adapters[0]
-        if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        name = active[0]
+        if name in layer.lora_variant or layer.use_dora.get(name, False):
             return None
-        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
+        if type(lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear:
             return None
-        if not isinstance(layer.lora_dropout[name], (nn.Identity, nn.Dropout)):
+        if layer.lora_B[name].bias is not None or type(layer.lora_dropout[name]) not in (nn.Identity, nn.Dropout):
             return None
-        base = layer.base_layer
-        if not _is_bnb_linear4bit(base) or not _base_is_nf4(base) or bnb_cpu_repacked(base):
+        weight = self.base_weight()
+        if weight is None or x.dtype not in _FLOAT_DTYPES or x.device != weight.device:
             return None
-        if getattr(base.weight, "quant_state", None) is None or not x.is_floating_point():
-            return None
-        if x.device != base.weight.device or x.device != lora_A.weight.device:
-            return None
-        return name
+        return name, weight
 
-    def base_weight(self) -> NF4Weight:
-        """A zero-copy NF4Weight view of the base layer's storage, rebuilt when bitsandbytes replaces it (moves,
-        peft's merge/unmerge re-quantize into a new Params4bit)."""
+    def base_weight(self) -> Optional[NF4Weight]:
+        """A zero-copy NF4Weight view of the base layer's storage, or None when it holds none it can read.
+
+        The view is rebuilt when bitsandbytes replaces the storage: a move, peft's merge/unmerge (a new Params4bit),
+        a switch to or from its CPU inference layout: each gives a new quant_state or a new absmax tensor.
+        """
         weight = self.layer.base_layer.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+            return None
         cached = self._cache
-        if cached is None or cached[0] is not weight.quant_state or cached[1] != weight.data_ptr():
-            self._cache = cached = (weight.quant_state, weight.data_ptr(), NF4Weight.from_bnb(weight))
-        return cached[2]
+        if cached is None or cached[0] is not weight or cached[1] is not quant_state or cached[2] is not quant_state.absmax:
+            self._cache = cached = (weight, quant_state, quant_state.absmax, NF4Weight.from_bnb(weight))
+        return cached[3]
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = self.fused_adapter(x, args, kwargs)
-        if adapter is None:
+        fused = self.fused_call(x, args, kwargs)
+        if fused is None:
             return self.peft_forward(x, *args, **kwargs)
+        adapter, weight = fused
         layer, base = self.layer, self.layer.base_layer
         # The dtype bitsandbytes' Linear4bit would compute in: its compute_dtype, chosen from the first input when
         # unset; under autocast, the autocast dtype (which its matmul ends up in too). The result is cast back to the
@@ -136,15 +145,15 @@ class FusedLoraForward:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         dropout = layer.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        bias = None if base.bias is None else base.bias.to(dtype)
+        p = dropout.p if dropout.training and type(dropout) is nn.Dropout else 0.0
+        bias = base.bias
         y = nf4_lora_linear(
             x.to(dtype),
-            self.base_weight(),
+            weight,
             layer.lora_A[adapter].weight.to(dtype),
             layer.lora_B[adapter].weight.to(dtype),
             float(layer.scaling[adapter]),
-            bias=bias,
+            bias=None if bias is None else bias.to(dtype),
             dropout=p,
         )
         return y.to(x.dtype)
