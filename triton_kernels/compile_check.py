@@ -140,25 +140,26 @@ def _gemm_cases(quick: bool) -> list[Case]:
         ("bf16,dq,aligned", torch.bfloat16, True, True, 64, K),
         ("fp16,aligned", torch.float16, False, False, 64, K),
         ("bf16,dq,unaligned", torch.bfloat16, True, True, 64, K + 32),
+        ("fp32,dq,aligned", torch.float32, True, False, 64, K),  # float32 runs exact products: no tensor cores
     ]
     families = [
-        ("fwd_large_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.fwd_large_m_configs(), M_LARGE, True),
-        ("fwd_small_m", gemm._nf4_lora_fwd_kernel, "fwd", gemm.fwd_small_m_configs(), M_SMALL, False),
-        ("bwd_dx_large_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.dx_large_m_configs(), M_LARGE, True),
-        ("bwd_dx_small_m", gemm._nf4_lora_bwd_dx_kernel, "dx", gemm.dx_small_m_configs(), M_SMALL, False),
+        ("fwd_large_m", gemm._nf4_lora_fwd_kernel, "fwd", M_LARGE, True),
+        ("fwd_small_m", gemm._nf4_lora_fwd_kernel, "fwd", M_SMALL, False),
+        ("bwd_dx_large_m", gemm._nf4_lora_bwd_dx_kernel, "dx", M_LARGE, True),
+        ("bwd_dx_small_m", gemm._nf4_lora_bwd_dx_kernel, "dx", M_SMALL, False),
     ]
-    for family, kernel, kind, configs, M, needs_wgmma in families:
+    for family, kernel, kind, M, needs_wgmma in families:
         for vi, (variant, dtype, dq, flag, blocksize, k) in enumerate(variants):
-            # Every configuration of the main variant; the others once (they change the decode, not the tiling).
-            # The configurations as the autotuner launches them (its pruning hook adapts the per-element path).
-            chosen = gemm.adapt_to_decode_path(configs, ALIGNED_ROWS=k % blocksize == 0)
-            chosen = chosen if vi == 0 else chosen[:1]
+            # Every candidate of the main variant and of the per-element decode path (its own candidates); the
+            # dtype variants once (they change the decode, not the tiling).
+            chosen = gemm.gemm_configs(kind, M <= gemm.SMALL_M, k % blocksize == 0, every_candidate=True)
+            chosen = chosen if vi in (0, 2) else chosen[:1]
             if quick:
                 chosen = [chosen[0], next(c for c in chosen if c.kwargs["SWAP_AB"])] if vi == 0 else []
             for config in chosen:
                 constexprs = {
                     **config.kwargs, "BLOCK_R": 16, "BLOCKSIZE": blocksize, "ALIGNED_ROWS": k % blocksize == 0,
-                    "HAS_DOUBLE_QUANT": dq, "NESTED": 256, "WRITE_LORA": True, "DOT_FP32": False,
+                    "HAS_DOUBLE_QUANT": dq, "NESTED": 256, "WRITE_LORA": True, "DOT_FP32": dtype == torch.float32,
                     **({"HAS_BIAS": flag} if kind == "fwd" else {"HAS_DROPOUT": flag}),
                 }
                 args = _gemm_args(kind, M, N, k, RANK, dtype, dq, flag, flag)
@@ -278,7 +279,10 @@ def _compile_nth(job: tuple[bool, int]) -> dict[str, Any]:
 
 def _problems(results: list[dict[str, Any]]) -> list[str]:
     problems = [f"{r['name']}: does not compile: {r['error']}" for r in results if not r["ok"]]
-    problems += [f"{r['name']}: no wgmma in the PTX" for r in results if r["ok"] and r["needs_wgmma"] and not r["wgmma"]]
+    problems += [
+        f"{r['name']}: no wgmma in the PTX"
+        for r in results if r["ok"] and r["needs_wgmma"] and not r["wgmma"] and "fp32" not in r["name"]
+    ]
     problems += [
         f"{r['name']}: {r['shared_bytes']} bytes of shared memory > {HOPPER_MAX_SHARED}"
         for r in results if r["ok"] and r["shared_bytes"] > HOPPER_MAX_SHARED

@@ -18,15 +18,7 @@ import triton
 from qlora_kernels import reference
 
 from ._common import check_launchable, compile_options, interpreting
-from .lora_linear_gemm import (
-    SMALL_M,
-    _nf4_lora_bwd_dx_kernel,
-    _nf4_lora_fwd_kernel,
-    nf4_lora_bwd_dx_large_m,
-    nf4_lora_bwd_dx_small_m,
-    nf4_lora_fwd_large_m,
-    nf4_lora_fwd_small_m,
-)
+from .lora_linear_gemm import _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, tuned_gemm
 from .lora_linear_thin import _lora_cols_kernel, _lora_rows_kernel, block_r, cols_plan, rows_plan
 from .lora_linear_tiles import nf4_levels
 
@@ -89,15 +81,17 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
-def _gemm_launch(tuned_small, tuned_large, raw, M: int, out_cols: int, out_tile: str, config: Optional[dict[str, Any]]):
-    """(kernel, grid, extra kwargs): the autotuned kernel for M's size class, or ``raw`` with ``config`` forced.
-    ``out_tile`` names the constexpr tiling the output columns (out_cols of them)."""
+def _gemm_launch(kind: str, M: int, out_cols: int, aligned_rows: bool, config: Optional[dict[str, Any]]):
+    """(kernel, grid, extra kwargs): the autotuned ``kind`` GEMM for M and the decode path, or the raw kernel with
+    ``config`` forced. The output columns (out_cols of them) are tiled by BLOCK_N (fwd) or BLOCK_K (dx)."""
+    out_tile = "BLOCK_N" if kind == "fwd" else "BLOCK_K"
     if config is None:
-        kernel = tuned_small if M <= SMALL_M else tuned_large
-        return kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[out_tile]),), {}
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[out_tile]),)  # noqa: E731
+        return tuned_gemm(kind, M, aligned_rows), grid, {}
     config = dict(config)
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(out_cols, config[out_tile]),)
+    raw = _nf4_lora_fwd_kernel if kind == "fwd" else _nf4_lora_bwd_dx_kernel
     return raw, grid, {**config, **compile_options(**launch)}
 
 
@@ -106,12 +100,16 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
 
-def _dropout_args(dropout: float, seed: Optional[torch.Tensor], device) -> tuple[bool, torch.Tensor, int, float]:
+def _dropout_args(
+    dropout: float, seed: Optional[torch.Tensor], placeholder: torch.Tensor
+) -> tuple[bool, torch.Tensor, int, float]:
+    """(HAS_DROPOUT, seed pointer, integer threshold, 1 / (1 - p)). Without dropout the seed pointer is never read:
+    ``placeholder`` (any tensor of the call) stands in, so no launch is spent creating one."""
     if dropout > 0.0:
-        if seed is None or seed.numel() != 1:
+        if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError("dropout > 0 needs an int64 seed tensor with one element")
-        return True, seed.reshape(1).to(device=device, dtype=torch.int64), reference.dropout_threshold(dropout), 1.0 / (1.0 - dropout)
-    return False, torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0
+        return True, seed.reshape(1), reference.dropout_threshold(dropout), 1.0 / (1.0 - dropout)
+    return False, placeholder, 0, 1.0
 
 
 def _launch_rows(x: torch.Tensor, w_rc: tuple[torch.Tensor, int, int], rank: int, dropout_args, dot_fp32: bool) -> torch.Tensor:
@@ -158,16 +156,15 @@ def nf4_lora_linear_fwd(
     if M == 0:
         return y, out_s if out_s is not None else torch.empty((M, rank), dtype=torch.float32, device=device)
     dot_fp32 = _dot_fp32(x.dtype)
-    dropout_args = _dropout_args(dropout, seed, device)
+    dropout_args = _dropout_args(dropout, seed, x)
     s_parts = _launch_rows(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), rank, dropout_args, dot_fp32)
     splits = s_parts.shape[0]
     # One split: the partial sum is S. Several (or a caller's buffer): the GEMM stores their sum (WRITE_LORA).
     s = out_s if out_s is not None else (s_parts[0] if splits == 1 else torch.empty_like(s_parts[0]))
     write_s = s.data_ptr() != s_parts.data_ptr()
     nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
-    kernel, grid, extra = _gemm_launch(
-        nf4_lora_fwd_small_m, nf4_lora_fwd_large_m, _nf4_lora_fwd_kernel, M, N, "BLOCK_N", config
-    )
+    aligned_rows = K % blocksize == 0
+    kernel, grid, extra = _gemm_launch("fwd", M, N, aligned_rows, config)
     bias_arg = bias.contiguous() if bias is not None else s_parts
     kernel[grid](
         x, *nf4, s_parts, lora_B, bias_arg, y, s,
@@ -175,7 +172,7 @@ def nf4_lora_linear_fwd(
         x.stride(0), x.stride(1), s_parts.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         _m_bucket(M),
         BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
-        BLOCKSIZE=blocksize, ALIGNED_ROWS=K % blocksize == 0, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
+        BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
         HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
         **extra, **compile_options(enable_fp_fusion=False),
     )
@@ -227,19 +224,18 @@ def nf4_lora_linear_bwd(
                 g.zero_()
         return grad_x, grad_A, grad_B, grad_bias
     dot_fp32 = _dot_fp32(dtype)
-    dropout_args = _dropout_args(dropout, seed, device)
+    dropout_args = _dropout_args(dropout, seed, x)
     has_dropout, seed_arg, threshold, inv_keep = dropout_args
 
     if need_x or need_A:
-        no_dropout = _dropout_args(0.0, None, device)
+        no_dropout = _dropout_args(0.0, None, x)
         ds_parts = _launch_rows(grad_y, (lora_B, lora_B.stride(1), lora_B.stride(0)), rank, no_dropout, dot_fp32)
         splits = ds_parts.shape[0]
         ds = ds_parts[0] if splits == 1 else torch.empty((M, rank), dtype=torch.float32, device=device)
     if need_x:
         nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
-        kernel, grid, extra = _gemm_launch(
-            nf4_lora_bwd_dx_small_m, nf4_lora_bwd_dx_large_m, _nf4_lora_bwd_dx_kernel, M, K, "BLOCK_K", config
-        )
+        aligned_rows = K % blocksize == 0
+        kernel, grid, extra = _gemm_launch("dx", M, K, aligned_rows, config)
         kernel[grid](
             grad_y, *nf4, ds_parts, lora_A, seed_arg, grad_x, ds,
             M, N, K, rank, splits, float(scale), threshold, inv_keep,
@@ -247,7 +243,7 @@ def nf4_lora_linear_bwd(
             grad_x.stride(0), grad_x.stride(1),
             _m_bucket(M),
             BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
-            BLOCKSIZE=blocksize, ALIGNED_ROWS=K % blocksize == 0, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
+            BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
             HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32,
             **extra, **compile_options(enable_fp_fusion=False),
         )
@@ -258,7 +254,7 @@ def nf4_lora_linear_bwd(
     if need_B:
         colsum = grad_bias if need_bias else None
         _launch_cols(s, grad_y, grad_B, True, colsum, float(scale),
-                     _dropout_args(0.0, None, device), dot_fp32)
+                     _dropout_args(0.0, None, x), dot_fp32)
     elif need_bias:
         grad_bias.copy_(grad_y.sum(0, dtype=torch.float32))
     return grad_x, grad_A, grad_B, grad_bias

@@ -12,6 +12,8 @@ while initialising and, with WRITE_LORA, the first program column stores the sum
 SWAP_AB computes the transposed tile (deq(W) · xᵀ instead of x · deq(W)ᵀ) so that the decoded weight, which lives in
 registers, is the left operand of Hopper's wgmma (the one that may come from registers; the right one must come
 from shared memory). Both orientations are autotuning candidates (DESIGN.md, "Kernels: the plan": measure both).
+Compiled for sm_90, the swapped order leaves each wgmma in flight while the next tile is decoded; the plain order
+stores the decoded tile to shared memory and waits on every wgmma at once (compile_check's "ovl" column).
 
 The same forward kernel serves decode-sized M (≤ 16 rows) with its own configurations: one M tile, so the packed
 weight is read exactly once, in BLOCK_K / 2-byte row segments (wide loads), with many narrow N tiles to spread the
@@ -19,6 +21,8 @@ memory traffic over the SMs. That case is memory-bound; its floor is bytes(NF4 w
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -40,77 +44,78 @@ def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
 # Candidates for training shapes on Hopper (H100/H200), both operand orders. Chosen from the sm_90 compile check
 # (python -m qlora_kernels.triton_kernels.compile_check): configurations that spill registers or overflow the 227 KB
 # of shared memory are left out (4-warp 128×128 tiles, 128×256 dX tiles, BLOCK_K = 128 for dX all spilled).
+# The first row of each table is the expected best (the one used with QLORA_KERNELS_AUTOTUNE=0): swapped operands,
+# whose wgmma stays in flight while the next tile decodes (the plain order waits on each wgmma at once).
 _FWD_LARGE_M = [
-    (128, 128, 64, 8, 3, False),
-    (128, 256, 64, 8, 3, False),
     (128, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (128, 256, 64, 8, 3, True),
     (64, 128, 64, 4, 4, True),
     (128, 128, 128, 8, 3, True),
+    (128, 128, 64, 8, 3, False),
+    (128, 256, 64, 8, 3, False),
 ]
 _DX_LARGE_M = [
-    (128, 128, 64, 8, 3, False),
-    (64, 128, 64, 4, 4, False),
     (128, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (64, 128, 64, 4, 4, True),
+    (128, 128, 64, 8, 3, False),
+    (64, 128, 64, 4, 4, False),
 ]
 # Decode (M ≤ 16): one 16-row M tile, narrow output tiles, long reduction steps (wide byte loads). With SWAP_AB the
 # weight tile is wgmma's 64/128-row left operand and the token rows its N dimension.
 _SMALL_M = [
-    (16, 16, 256, 4, 3, False),
-    (16, 32, 256, 4, 3, False),
     (16, 64, 256, 4, 3, True),
     (16, 128, 128, 4, 3, True),
+    (16, 16, 256, 4, 3, False),
+    (16, 32, 256, 4, 3, False),
 ]
 _FWD_SMALL_M = _SMALL_M + [(16, 64, 128, 4, 4, False)]
 _DX_SMALL_M = _SMALL_M
 
 
-def _configs(table) -> list[triton.Config]:
+def autotuning_enabled() -> bool:
+    """False with ``QLORA_KERNELS_AUTOTUNE=0``: each GEMM family then runs its first candidate without tuning
+    (first calls take seconds, not minutes, for short GPU sessions; read at import)."""
+    return os.environ.get("QLORA_KERNELS_AUTOTUNE", "1").strip() != "0"
+
+
+def _configs(table, every_candidate: bool = False) -> list[triton.Config]:
     # One small tile when interpreting: the interpreter cannot autotune, and small tiles keep its Python-speed loops
     # short. The single interpreter configuration of the decode family is the swapped one (the large family's is
     # not), so the default launches exercise both orientations.
     if interpreting():
         small = table[0][0] == SMALL_M
         return [_config(16, 32, 64, 1, 1, True, group_m=1) if small else _config(32, 32, 64, 1, 1, False, group_m=2)]
-    return [_config(*row, group_m=1 if row[0] == SMALL_M else 8) for row in table]
+    configs = [_config(*row, group_m=1 if row[0] == SMALL_M else 8) for row in table]
+    return configs if every_candidate or autotuning_enabled() else configs[:1]
 
 
-def fwd_large_m_configs() -> list[triton.Config]:
-    """Autotuning candidates of the forward GEMM for M > 16."""
-    return _configs(_FWD_LARGE_M)
+# The per-element decode path (K not a multiple of the blocksize) gathers a byte, a level and an absmax per weight
+# element, with 64-bit addresses: the software pipeliner would stage all of them in shared memory (over 256 KB at
+# 128×128 tiles) and most of the tiles above spill registers there. It has its own unpipelined candidates, the
+# spill-free ones of the sm_90 compile check.
+_PER_ELEMENT_LARGE_M = [(128, 128, 64, 8, 1, True), (128, 128, 64, 8, 1, False)]
+_PER_ELEMENT_SMALL_M = [(16, 64, 64, 4, 1, True), (16, 32, 64, 4, 1, False), (16, 16, 64, 4, 1, False)]
+
+_TABLES = {
+    # (kernel, small M, block-aligned rows) -> candidates
+    ("fwd", False, True): _FWD_LARGE_M,
+    ("fwd", True, True): _FWD_SMALL_M,
+    ("dx", False, True): _DX_LARGE_M,
+    ("dx", True, True): _DX_SMALL_M,
+    ("fwd", False, False): _PER_ELEMENT_LARGE_M,
+    ("fwd", True, False): _PER_ELEMENT_SMALL_M,
+    ("dx", False, False): _PER_ELEMENT_LARGE_M,
+    ("dx", True, False): _PER_ELEMENT_SMALL_M,
+}
 
 
-def fwd_small_m_configs() -> list[triton.Config]:
-    """Autotuning candidates of the forward GEMM for M ≤ 16 (memory-bound decode)."""
-    return _configs(_FWD_SMALL_M)
-
-
-def dx_large_m_configs() -> list[triton.Config]:
-    """Autotuning candidates of the dX GEMM for M > 16."""
-    return _configs(_DX_LARGE_M)
-
-
-def dx_small_m_configs() -> list[triton.Config]:
-    """Autotuning candidates of the dX GEMM for M ≤ 16."""
-    return _configs(_DX_SMALL_M)
-
-
-def adapt_to_decode_path(configs: list[triton.Config], named_args=None, **kwargs) -> list[triton.Config]:
-    """Autotuner pruning hook. The per-element decode path (ALIGNED_ROWS false: K not a multiple of the blocksize)
-    gathers a byte, a level and an absmax per weight element; the software pipeliner would stage all of them in
-    shared memory (over 256 KB at 128×128 tiles), so that path runs its loop unpipelined."""
-    if kwargs.get("ALIGNED_ROWS", True):
-        return configs
-    seen, adapted = set(), []
-    for c in configs:
-        key = tuple(sorted(c.kwargs.items())) + (c.num_warps,)
-        if key not in seen:
-            seen.add(key)
-            adapted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1))
-    return adapted
+def gemm_configs(kernel: str, small_m: bool, aligned_rows: bool, every_candidate: bool = False) -> list[triton.Config]:
+    """Autotuning candidates of the ``kernel`` ("fwd" or "dx") GEMM for M ≤ 16 (``small_m``) or larger, on the
+    block-aligned decode path (``aligned_rows``: K % blocksize == 0) or the per-element one. ``every_candidate``
+    ignores QLORA_KERNELS_AUTOTUNE=0 (the compile check covers them all)."""
+    return _configs(_TABLES[(kernel, small_m, aligned_rows)], every_candidate)
 
 
 # Every constexpr that is not a tile size, plus the shape: a new value re-tunes (DESIGN.md, "Conventions").
@@ -301,11 +306,12 @@ def _nf4_lora_bwd_dx_kernel(
 
 # Autotuned entry points. The raw kernels above stay launchable with an explicit configuration (tests, the sm_90
 # compile check).
-def _tuned(kernel, configs: list[triton.Config], key: list[str]):
-    return triton.autotune(configs, key, prune_configs_by={"early_config_prune": adapt_to_decode_path})(kernel)
+_KERNELS = {"fwd": _nf4_lora_fwd_kernel, "dx": _nf4_lora_bwd_dx_kernel}
+_KEYS = {"fwd": FWD_TUNING_KEY, "dx": DX_TUNING_KEY}
+# One autotuner per candidate table; each caches its best configuration per tuning key.
+_TUNED = {spec: triton.autotune(_configs(table), _KEYS[spec[0]])(_KERNELS[spec[0]]) for spec, table in _TABLES.items()}
 
 
-nf4_lora_fwd_large_m = _tuned(_nf4_lora_fwd_kernel, fwd_large_m_configs(), FWD_TUNING_KEY)
-nf4_lora_fwd_small_m = _tuned(_nf4_lora_fwd_kernel, fwd_small_m_configs(), FWD_TUNING_KEY)
-nf4_lora_bwd_dx_large_m = _tuned(_nf4_lora_bwd_dx_kernel, dx_large_m_configs(), DX_TUNING_KEY)
-nf4_lora_bwd_dx_small_m = _tuned(_nf4_lora_bwd_dx_kernel, dx_small_m_configs(), DX_TUNING_KEY)
+def tuned_gemm(kernel: str, M: int, aligned_rows: bool):
+    """The autotuned ``kernel`` ("fwd" or "dx") GEMM serving M rows on the given decode path."""
+    return _TUNED[(kernel, M <= SMALL_M, aligned_rows)]

@@ -137,9 +137,14 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
+# Every consumer program reads all splits' partial sums for its rows: at most 8 keeps that a small fraction of the
+# row's own data (a decode step's thin pass would otherwise split K 32 ways and each GEMV program read 32 partials).
+MAX_SPLITS = 8
+
+
 def _split(reduce_len: int, reduce_tile: int, parallel_tiles: int, device: torch.device) -> tuple[int, int]:
     tiles = triton.cdiv(max(reduce_len, 1), reduce_tile)
-    splits = min(tiles, max(1, triton.cdiv(_target_programs(device), parallel_tiles)))
+    splits = min(tiles, MAX_SPLITS, max(1, triton.cdiv(_target_programs(device), parallel_tiles)))
     chunk = triton.cdiv(tiles, splits) * reduce_tile
     return triton.cdiv(max(reduce_len, 1), chunk), chunk
 
