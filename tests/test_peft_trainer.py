@@ -26,7 +26,8 @@ class RepeatedText(torch.utils.data.Dataset):
         return {"input_ids": self.rows[index], "labels": self.rows[index]}
 
 
-def test_trainer_trains_the_patched_model(checkpoint, tmp_path, fused_calls):  # noqa: F811
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_trainer_trains_the_patched_model(checkpoint, tmp_path, fused_calls, gradient_checkpointing):  # noqa: F811
     model = build(checkpoint, "bnb")
     assert qk.patch_peft_model(model) == NUM_LORA
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -42,6 +43,7 @@ def test_trainer_trains_the_patched_model(checkpoint, tmp_path, fused_calls):  #
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        activation_checkpointing=gradient_checkpointing,  # the usual QLoRA memory saver: forwards run twice
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=RepeatedText(model.config.vocab_size))
     result = trainer.train()
@@ -49,7 +51,8 @@ def test_trainer_trains_the_patched_model(checkpoint, tmp_path, fused_calls):  #
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses
     assert result.global_step == 6
-    assert len(fused_calls) >= 6 * NUM_LORA, "Trainer's steps did not take the fused path"
+    calls_per_step = NUM_LORA * (2 if gradient_checkpointing else 1)
+    assert len(fused_calls) == 6 * calls_per_step, "Trainer's steps did not (all) take the fused path"
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(changed) == len(before)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
