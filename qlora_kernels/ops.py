@@ -167,7 +167,9 @@ def _(grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksiz
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed = inputs
+    x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed = (
+        inputs
+    )
     ctx.save_for_backward(x, output[1], packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed)
     ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = blocksize, scale, dropout, bias is not None
     ctx.mark_non_differentiable(output[1])

@@ -243,7 +243,11 @@ FORCED_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", FORCED_CONFIGS, ids=lambda c: "-".join(f"{k[6:] if k.startswith('BLOCK') else k}{int(v)}" for k, v in c.items()))
+def _config_id(config: dict) -> str:
+    return "-".join(f"{k.removeprefix('BLOCK_')}{int(v)}" for k, v in config.items())
+
+
+@pytest.mark.parametrize("config", FORCED_CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=str)
 def test_every_gemm_configuration_family(case, config, device):
     if device.type == "cuda":
@@ -351,7 +355,8 @@ def test_functional_3d_input_matches_reference(case, dtype, backend, device):
     y, grad_y, gx, gA, gB, gb = _functional_grads(p, x3)
     want = gold(p, grad_y=grad_y.reshape(case.M, case.N))
     assert y.shape == (*x3.shape[:-1], case.N) and y.dtype == dtype
-    _compare((y.reshape(case.M, case.N), None, gx.reshape(case.M, case.K), gA, gB, gb), (want[0], None, *want[2:]), dtype)
+    got = (y.reshape(case.M, case.N), None, gx.reshape(case.M, case.K), gA, gB, gb)
+    _compare(got, (want[0], None, *want[2:]), dtype)
 
 
 def test_functional_non_contiguous_input(backend, device):
@@ -423,7 +428,8 @@ def test_autocast_uses_the_autocast_dtype(backend, device):
         y = qk.nf4_lora_linear(p.x, p.w4, p.lora_A, p.lora_B.to(dtype), SCALE, bias=p.bias.half())
     assert y.dtype == dtype
     cast = make_problem(p.case, dtype, device)
-    cast.w4, cast.x, cast.lora_A, cast.lora_B, cast.bias = p.w4, p.x.to(dtype), p.lora_A.to(dtype), p.lora_B.to(dtype), p.bias.to(dtype)
+    cast.w4, cast.x, cast.bias = p.w4, p.x.to(dtype), p.bias.to(dtype)
+    cast.lora_A, cast.lora_B = p.lora_A.to(dtype), p.lora_B.to(dtype)
     assert_close_normwise(y, gold(cast)[0], dtype)
 
 
@@ -436,7 +442,8 @@ def _args(device):
 
 
 BAD_INPUTS = [
-    ("x fp16, lora_A fp32", dict(x=lambda a: a["x"].half()), TypeError, r"x is torch.float16 but lora_A is torch.float32"),
+    ("x fp16, lora_A fp32", dict(x=lambda a: a["x"].half()), TypeError,
+     r"x is torch.float16 but lora_A is torch.float32"),
     ("lora_B bf16", dict(lora_B=lambda a: a["lora_B"].bfloat16()), TypeError, r"lora_B is torch.bfloat16"),
     ("bias fp16", dict(bias=lambda a: a["bias"].half()), TypeError, r"bias is torch.float16"),
     ("x int", dict(x=lambda a: a["x"].long()), TypeError, r"x must be float16, bfloat16 or float32"),
@@ -446,7 +453,8 @@ BAD_INPUTS = [
     ("x 0-d", dict(x=lambda a: a["x"][0, 0]), ValueError, r"x must be \[\.\.\., K=64\]"),
     ("lora_A not [r, K]", dict(lora_A=lambda a: a["lora_A"][:, :32]), ValueError, r"lora_A must be \[r, K=64\]"),
     ("lora_A 1-D", dict(lora_A=lambda a: a["lora_A"][0]), ValueError, r"lora_A must be 2-D"),
-    ("rank 257", dict(lora_A=lambda a: torch.zeros(257, 64), lora_B=lambda a: torch.zeros(16, 257)), ValueError, r"1 <= r <= 256"),
+    ("rank 257", dict(lora_A=lambda a: torch.zeros(257, 64), lora_B=lambda a: torch.zeros(16, 257)), ValueError,
+     r"1 <= r <= 256"),
     ("lora_B not [N, r]", dict(lora_B=lambda a: a["lora_B"].t()), ValueError, r"lora_B must be \[N=16, r=4\]"),
     ("bias not [N]", dict(bias=lambda a: a["bias"][:-1]), ValueError, r"bias must be \[N=16\]"),
     ("scale nan", dict(scale=lambda a: float("nan")), ValueError, r"scale must be a finite"),
@@ -497,12 +505,16 @@ def _op_args(p: Problem, requires_grad: bool):
             SCALE, bias, p.case.dropout, p.seed)
 
 
-@pytest.mark.parametrize("case", [Case(5, 24, 64, 4, 32, True, True, 0.2), Case(3, 16, 40, 2, 64, False, False, 0.0)], ids=str)
+OPCHECK_CASES = [Case(5, 24, 64, 4, 32, True, True, 0.2), Case(3, 16, 40, 2, 64, False, False, 0.0)]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck(case, backend, device):
     p = make_problem(case, torch.float32, device)
     torch.library.opcheck(ops.nf4_lora_linear_fwd, _op_args(p, requires_grad=True))
     _, s = ops.nf4_lora_linear_fwd(*_op_args(p, requires_grad=False))
-    args = (p.grad_y, p.x, s, *p.storage(), p.lora_A, p.lora_B, SCALE, case.dropout, p.seed, True, True, True, case.bias)
+    args = (p.grad_y, p.x, s, *p.storage(), p.lora_A, p.lora_B, SCALE, case.dropout, p.seed)
+    args = (*args, True, True, True, case.bias)
     torch.library.opcheck(ops.nf4_lora_linear_bwd, args)
     torch.library.opcheck(ops.nf4_lora_linear_bwd, (*args[:-4], False, True, False, False))
 

@@ -108,7 +108,9 @@ def _signature(kernel, args: dict[str, Any], constexprs: dict[str, Any]) -> tupl
     return signature, attrs
 
 
-def _gemm_args(kind: str, M: int, N: int, K: int, rank: int, dtype: torch.dtype, double_quant: bool, bias: bool, dropout: bool):
+def _gemm_args(
+    kind: str, M: int, N: int, K: int, rank: int, dtype: torch.dtype, double_quant: bool, bias: bool, dropout: bool
+) -> dict[str, Any]:
     t = _tensor
     common = {
         "packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.uint8 if double_quant else torch.float32),
@@ -206,12 +208,15 @@ def cases(quick: bool = False) -> list[Case]:
     return _gemm_cases(quick) + _thin_cases(quick)
 
 
+def _cuobjdump(flag: str, path: str) -> str:
+    return subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, path], capture_output=True, text=True).stdout
+
+
 def _sass_stats(cubin: bytes) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass, usage = _cuobjdump("-sass", f.name), _cuobjdump("-res-usage", f.name)
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     loads = re.findall(r"\bLDG\.E(?:\.[A-Z0-9_]+)*", sass)
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = [_compile_nth(job) for job in todo]
     header = (
-        f"{'kernel / configuration':<86} {'mma':>6} {'ovl':>3} {'regs':>4} {'spill':>5} {'nf4B':>4} {'ldg128':>6} {'ldg':>4} "
+        f"{'kernel / configuration':<86} {'mma':>6} {'ovl':>3} {'regs':>4} {'spill':>5} {'nf4B':>4} {'ldg128':>6} "
+        f"{'ldg':>4} "
         f"{'cp128':>5} {'cp':>4} {'smem':>6} {'s':>5}"
     )
     print(header)
@@ -314,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mma = "wgmma" if r["wgmma"] else ("mma" if r["mma_sync"] else "fma")
         print(
-            f"{r['name']:<86} {mma:>6} {'yes' if r['wgmma_overlap'] else 'no':>3} {r['registers'] or '?':>4} {r['spill_insts']:>5} "
+            f"{r['name']:<86} {mma:>6} {'yes' if r['wgmma_overlap'] else 'no':>3} {r['registers'] or '?':>4} "
+            f"{r['spill_insts']:>5} "
             f"{r['packed_contiguity'] or '-':>4} {r['ldg_128']:>6} {r['ldg_total']:>4} {r['ldgsts_128']:>5} "
             f"{r['ldgsts']:>4} {r['shared_bytes']:>6} {r['seconds']:>5}"
         )

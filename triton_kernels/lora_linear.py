@@ -52,7 +52,9 @@ def _check(
     if blocksize not in reference.VALID_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {reference.VALID_BLOCKSIZES}, got {blocksize}")
     if packed.dtype != torch.uint8 or packed.numel() != (N * K + 1) // 2:
-        raise ValueError(f"packed must be uint8 [(N*K + 1) // 2 = {(N * K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed must be uint8 [(N*K + 1) // 2 = {(N * K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}"
+        )
     if absmax.numel() != triton.cdiv(N * K, blocksize):
         raise ValueError(f"absmax must have {triton.cdiv(N * K, blocksize)} entries, got {absmax.numel()}")
     if (nested_absmax is None) != (offset is None):
@@ -112,7 +114,9 @@ def _dropout_args(
     return False, placeholder, 0, 1.0
 
 
-def _launch_rows(x: torch.Tensor, w_rc: tuple[torch.Tensor, int, int], rank: int, dropout_args, dot_fp32: bool) -> torch.Tensor:
+def _launch_rows(
+    x: torch.Tensor, w_rc: tuple[torch.Tensor, int, int], rank: int, dropout_args, dot_fp32: bool
+) -> torch.Tensor:
     """float32 partial sums [splits, M, rank] of dropout?(x) · Wᵀ, W given as (tensor, stride_r, stride_c)."""
     M, C = x.shape
     plan = rows_plan(M, C, rank, x.device)
@@ -214,10 +218,15 @@ def nf4_lora_linear_bwd(
     check_launchable(grad_y, x, s, packed, absmax, nested_absmax, offset, lora_A, lora_B, seed)
     device = x.device
     dtype = x.dtype
-    grad_x = (out_x if out_x is not None else torch.empty((M, K), dtype=dtype, device=device)) if need_x else None
-    grad_A = (out_A if out_A is not None else torch.empty((rank, K), dtype=dtype, device=device)) if need_A else None
-    grad_B = (out_B if out_B is not None else torch.empty((N, rank), dtype=dtype, device=device)) if need_B else None
-    grad_bias = (out_bias if out_bias is not None else torch.empty((N,), dtype=dtype, device=device)) if need_bias else None
+    def buffer(needed: bool, out: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+        if not needed:
+            return None
+        return out if out is not None else torch.empty(shape, dtype=dtype, device=device)
+
+    grad_x = buffer(need_x, out_x, (M, K))
+    grad_A = buffer(need_A, out_A, (rank, K))
+    grad_B = buffer(need_B, out_B, (N, rank))
+    grad_bias = buffer(need_bias, out_bias, (N,))
     if M == 0:
         for g in (grad_A, grad_B, grad_bias):
             if g is not None:
@@ -274,7 +283,9 @@ def _launch_cols(
         parts, parts_colsum = out, colsum
     else:
         parts = torch.empty((plan.splits, *out.shape), dtype=torch.float32, device=x.device)
-        parts_colsum = torch.empty((plan.splits, C), dtype=torch.float32, device=x.device) if colsum is not None else None
+        parts_colsum = None
+        if colsum is not None:
+            parts_colsum = torch.empty((plan.splits, C), dtype=torch.float32, device=x.device)
     stride_split = parts.stride(0) if plan.splits > 1 else 0
     stride_r, stride_c = parts.stride(-2), parts.stride(-1)
     if out_is_c_by_r:
