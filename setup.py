@@ -36,11 +36,19 @@ def extension_build():
         print("qlora_kernels: torch is not importable at build time; installing without the extension _C")
         return [], {}
     sources_cu = sorted(glob.glob(os.path.join("csrc", "kernels", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: the CPU kernels use at::parallel_for, whose OpenMP backend is inlined from ATen's headers and runs
+    # serially unless this translation unit is compiled with OpenMP (torch ships and loads libgomp.so.1 itself).
+    # -ffp-contract=off (host) and --fmad=false (device): no fused multiply-adds, so the optimizer step rounds the
+    # same on every CPU ISA, on the GPU and in the Python reference (bit-identical results; the kernels are
+    # memory-bound, FMAs would buy nothing). -fno-math-errno lets sqrtf vectorise. No -std: torch's build adds the
+    # standard its own headers need (C++17 up to torch 2.12, C++20 from 2.13); the sources compile as either.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    link_flags = ["-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(sources_cu)
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: the optimizers must track torch.optim.AdamW, which needs IEEE sqrt and division.
+        nvcc_flags = ["-O3", "-lineinfo", "--fmad=false"]
         if not archs:
             nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         ext = cpp_extension.CUDAExtension(
@@ -49,14 +57,15 @@ def extension_build():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("QLORA_KERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
             "qlora_kernels._C",
             sources_cpp,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
