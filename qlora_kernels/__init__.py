@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers the qlora_kernels:: custom ops)
+from . import optim  # noqa: F401  (qk.optim.PagedAdamW, PagedAdamW8bit, PagedLion8bit: paged optimizers on _C)
 from ._extension import extension_available
 from .functional import nf4_lora_linear
 from .nf4 import NF4Weight
