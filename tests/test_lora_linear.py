@@ -545,13 +545,52 @@ def test_torch_compile_fullgraph_forward_and_backward(dropout, backend, device):
 # ------------------------------------------------------------------------------------------ GPU, realistic
 
 
+def _first_candidate(M: int, aligned_rows: bool = True) -> dict:
+    # The GEMM tables' first candidates (the same tile for fwd and dX): forcing them keeps the GPU tests to a few
+    # compilations instead of autotuning every candidate (the benchmark autotunes, and checks results first).
+    from qlora_kernels.triton_kernels import lora_linear_gemm as gemm
+
+    c = gemm.gemm_configs("fwd", M <= gemm.SMALL_M, aligned_rows, every_candidate=True)[0]
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+# Llama-3-8B-like projections (q/o 4096×4096, up/gate 14336×4096, down 4096×14336), decode and training rows.
+GPU_SHAPES = [(1, 4096, 4096, 0.0), (16, 14336, 4096, 0.0), (4096, 4096, 4096, 0.1), (4096, 14336, 4096, 0.0),
+              (4096, 4096, 14336, 0.0)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 4096])
-@pytest.mark.parametrize("N, K", [(4096, 4096), (14336, 4096), (4096, 14336)])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("M, N, K, dropout", GPU_SHAPES, ids=lambda v: str(v))
 def test_gpu_bf16_realistic_shapes(M, N, K, dropout):
     torch.manual_seed(0)
-    case = Case(M, N, K, 16, 64, True, False, dropout)
-    p = make_problem(case, torch.bfloat16, "cuda")
+    p = make_problem(Case(M, N, K, 16, 64, True, False, dropout), torch.bfloat16, "cuda")
     p.lora_B = p.lora_B * 0.1  # training-like magnitudes: the LoRA path a small correction
-    _compare(_run_launchers(p), gold(p), torch.bfloat16)
+    _compare(_run_launchers(p, config=_first_candidate(M)), gold(p), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
+def test_gpu_bf16_awkward_shapes(case):
+    p = make_problem(case, torch.bfloat16, "cuda")
+    config = _first_candidate(case.M, case.K % case.blocksize == 0)
+    _compare(_run_launchers(p, config=config), gold(p), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    p = make_problem(Case(256, 512, 1024, 16, 64, True, True, 0.1), torch.bfloat16, "cuda")
+
+    def loss_fn(x, A, B, bias):
+        return qk.nf4_lora_linear(x, p.w4, A, B, SCALE, bias=bias, dropout=0.1).float().square().sum()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (p.x, p.lora_A, p.lora_B, p.bias)]
+        torch.manual_seed(3)
+        fn(*leaves).backward()
+        return [t.grad.float() for t in leaves]
+
+    eager = grads(loss_fn)
+    compiled = grads(torch.compile(loss_fn, fullgraph=True))
+    for g, e in zip(compiled, eager):
+        assert_close_normwise(g, e, torch.bfloat16)
