@@ -42,7 +42,7 @@ class Case:
         )
 
 
-# Awkward shapes: M = 1, odd K, K % 64 != 0, K % blocksize != 0 (blocks spanning rows: the per-element decode path),
+# Awkward shapes: M = 1, odd K (rows starting on a low nibble), K % 64 != 0, K % blocksize != 0 (blocks spanning rows: the per-element decode path),
 # blocksize 32 (two absmax per 64-wide tile) and 128 (one absmax over two tiles), r = 1, r not a power of two,
 # r > 64 (several r-chunks in the GEMMs), r = 256, odd N, bias and dropout on and off.
 CASES = [
@@ -53,6 +53,7 @@ CASES = [
     Case(5, 33, 130, 16, 128, False, True, 0.0),
     Case(70, 40, 96, 72, 32, True, False, 0.0),
     Case(17, 32, 64, 256, 64, True, True, 0.1),
+    Case(33, 25, 75, 4, 64, True, True, 0.0),  # odd K and odd N·K (a pad nibble) on the large-M path
 ]
 
 
