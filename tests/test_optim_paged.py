@@ -177,19 +177,20 @@ def test_state_kinds_follow_min_8bit_size():
 
 def assert_tracks(make_ours, make_theirs, hyper, bound_8bit, bound_float32=FLOAT32_STATE_BOUND, device="cpu"):
     """40 steps of both optimizers from the same start on the same gradients: each tensor's distance between the
-    two trajectories, relative to how far it moved, stays under the bound for its kind of state."""
-    params = make_params(device=device)
+    two trajectories, relative to how far it moved, stays under the bound for its kind of state. (No empty tensor:
+    how bitsandbytes treats one is not the question here.)"""
+    shapes = [s for s in SHAPES if math.prod(s) > 0]
+    params = make_params(shapes, device=device)
     theirs = clone_params(params)
     start = [p.detach().clone() for p in params]
-    grads = gradient_sequence(SHAPES, 40)
+    grads = gradient_sequence(shapes, 40)
     run(make_ours(params, **hyper), params, grads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes: "paged optimizers are not supported on CPU"
         run(make_theirs(theirs, **hyper), theirs, grads)
     for p, q, s in zip(params, theirs, start):
-        if p.numel():
-            bound = bound_8bit if p.numel() >= 4096 else bound_float32
-            assert relative_to_movement(p, q, s) < bound, tuple(p.shape)
+        bound = bound_8bit if p.numel() >= 4096 else bound_float32
+        assert relative_to_movement(p, q, s) < bound, tuple(p.shape)
 
 
 def test_paged_adamw_tracks_torch_adamw():

@@ -100,6 +100,35 @@ def test_cpp_library_and_python_fragments_coexist(order):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def test_import_without_the_extension_and_a_clear_error_when_an_optimizer_needs_it():
+    script = textwrap.dedent(
+        """
+        import sys, importlib.abc
+
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "qlora_kernels._C":
+                    raise ImportError("hidden by the test")
+                return None
+
+        sys.meta_path.insert(0, HideExtension())
+        import torch, qlora_kernels
+        from qlora_kernels import paged
+        from qlora_kernels.optim import PagedAdamW8bit
+        assert not qlora_kernels.extension_available()
+        t = paged.zeros(3)
+        assert not paged.is_paged(t) and paged.bytes_in_use() == 0
+        try:
+            PagedAdamW8bit([torch.nn.Parameter(torch.zeros(3))])
+        except RuntimeError as error:
+            assert "qlora_kernels._C" in str(error) and "pip install" in str(error), error
+            print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 
 
