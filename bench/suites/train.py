@@ -1,0 +1,92 @@
+"""One training step of a Llama-style model: stock transformers + peft + bitsandbytes against the same model after
+``qk.patch_peft_model`` (and back: the patch is undone for the stock measurement), with peak memory.
+
+The model is the one examples/finetune_tiny_llama.py builds (random init, loaded back 4-bit NF4 by transformers,
+peft LoRA on every linear layer), so the benchmark measures what that example's users run. The optimizer is AdamW
+with lr = 0: a real step's cost, parameters that stay put, so both impls see the same model and the gate can
+compare their losses on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from bench.harness import Case
+
+_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_tiny_llama.py"
+REL_TOL = 2e-2
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("finetune_tiny_llama", _EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _settings(device: torch.device, quick: bool) -> argparse.Namespace:
+    if quick or device.type == "cpu":
+        return argparse.Namespace(hidden=128, layers=2, heads=2, seq_len=64, batch_size=2, rank=16, alpha=32,
+                                  dropout=0.0, seed=0)
+    return argparse.Namespace(hidden=2048, layers=8, heads=16, seq_len=2048, batch_size=1, rank=16, alpha=32,
+                              dropout=0.0, seed=0)
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - the comparison needs the whole stock stack
+        return []
+    import qlora_kernels as qk
+
+    args = _settings(device, quick)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    state = {}
+
+    def model():
+        if "model" not in state:
+            example = _example()
+            state["model"] = example.build_qlora_model(args, device, dtype)
+            params = [p for p in state["model"].parameters() if p.requires_grad]
+            state["optimizer"] = torch.optim.AdamW(params, lr=0.0)
+            gen = torch.Generator().manual_seed(0)
+            state["ids"] = torch.randint(0, example.VOCAB, (args.batch_size, args.seq_len), generator=gen).to(device)
+        return state["model"]
+
+    def make(impl):
+        def build():
+            m = model()
+            if impl == "qlora_kernels":
+                qk.patch_peft_model(m)
+            else:
+                qk.unpatch_peft_model(m)
+            opt, ids = state["optimizer"], state["ids"]
+
+            def step():
+                loss = m(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+
+            return step
+
+        return build
+
+    def check(loss):
+        value = loss.float().item()
+        ref = state.setdefault("reference_loss", value)  # the first impl measured sets it (stock runs first)
+        err = abs(value - ref) / max(abs(ref), 1e-12)
+        return None if err <= REL_TOL else f"loss {value:.5f} vs stock {ref:.5f} (relative {err:.2e} > {REL_TOL})"
+
+    tokens = args.batch_size * args.seq_len
+    n_linear = args.layers * 7
+    common = dict(M=tokens, N=args.hidden, K=args.hidden, r=args.rank, dtype=str(dtype).removeprefix("torch."),
+                  bytes=0, flops=0, case=f"llama {args.layers}x{args.hidden} seq {args.seq_len} ({n_linear} LoRA layers)")
+    return [Case("train_step", impl, make(impl), check, **common) for impl in ("bnb_peft", "qlora_kernels")]
