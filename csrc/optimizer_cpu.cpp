@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 
 namespace qlora_kernels {
 namespace {
@@ -30,10 +31,10 @@ namespace {
 
 // ------------------------------------------------------------------------------------- nearest-level search
 
-// Values are bucketed by their absolute value's float bits >> kBucketShift (the exponent and the top 6 mantissa
-// bits): a bucket spans 1/64 of an octave, about the spacing of the dynamic maps' levels near 1, so only a few
-// midpoints fall inside one (max_scan, 2 for bitsandbytes' maps).
-constexpr int kBucketShift = 17;
+// Values are bucketed by their absolute value's float bits >> kBucketShift (the exponent and the top 7 mantissa
+// bits): a bucket spans 1/128 of an octave, finer than the spacing of the dynamic maps' levels, so at most one
+// midpoint falls inside a bucket of bitsandbytes' maps (a denser map still works, with a longer scan).
+constexpr int kBucketShift = 16;
 constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
 constexpr uint32_t kBuckets = (kOneBits >> kBucketShift) + 1;  // buckets up to |x| = 1; larger values clamp
 
@@ -57,7 +58,6 @@ struct CodeSearch {
   // bucket's smallest value), [1][key] for x < 0 (below minus its largest). The extra bucket kBuckets holds
   // |x| > 1 (about 1 + 1/128 and above): all 255 midpoints lie below x > 1, none below x < -1.
   uint8_t first[2][kBuckets + 1];
-  int max_scan;  // the most midpoints inside one bucket: forward steps that always reach the answer
 
   void build(const float* values) {
     std::memcpy(code, values, sizeof(code));
@@ -66,13 +66,11 @@ struct CodeSearch {
     const float* begin = midpoints;
     const float* end = midpoints + (kCodeSize - 1);
     const auto below = [&](float x) { return static_cast<int>(std::lower_bound(begin, end, x) - begin); };
-    max_scan = 0;
     for (uint32_t key = 0; key < kBuckets; ++key) {
       const float lowest = float_from_bits(key << kBucketShift);
       const float highest = float_from_bits(((key + 1) << kBucketShift) - 1);
       first[0][key] = static_cast<uint8_t>(below(lowest));
       first[1][key] = static_cast<uint8_t>(below(-highest));
-      max_scan = std::max({max_scan, below(highest) - below(lowest), below(-lowest) - below(-highest)});
     }
     first[0][kBuckets] = static_cast<uint8_t>(kCodeSize - 1);
     first[1][kBuckets] = 0;
@@ -81,13 +79,15 @@ struct CodeSearch {
                       "quantization map must lie within [-1, 1]");
   }
 
-  // The number of midpoints strictly below x (nearest_code_index of optimizer_math.h), NaN -> 0. Branch-free
-  // but for NaN: the sign picks the table row, a fixed number of steps scans the bucket.
+  // The number of midpoints strictly below x (nearest_code_index of optimizer_math.h), NaN -> 0. The sign picks
+  // the table row; one branch-free step covers a bucket holding one midpoint, the loop (not entered with
+  // bitsandbytes' maps, so well predicted) any more.
   int index(float x) const {
     if (x != x) return 0;
     const uint32_t key = std::min((bits_of(x) & 0x7fffffffu) >> kBucketShift, kBuckets);
     int i = first[x < 0.0f][key];
-    for (int step = 0; step < max_scan; ++step) i += midpoints[i] < x;
+    i += midpoints[i] < x;
+    while (midpoints[i] < x) ++i;
     return i;
   }
 
@@ -104,6 +104,29 @@ struct CodeTables {
   CodeSearch m;
   CodeSearch v;
 };
+
+// Building the bucket tables costs about half a millisecond, as much as stepping a few hundred thousand
+// parameters, and the maps are the same at every step: keep the last tables, keyed by the maps' values.
+std::shared_ptr<const CodeTables> code_tables_for(const float* signed_code, const float* unsigned_code) {
+  static std::mutex mutex;
+  static std::shared_ptr<const CodeTables> cached;
+  static float cached_key[2 * kCodeSize];
+  static bool cached_has_unsigned = false;
+  const size_t map_bytes = sizeof(float) * kCodeSize;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const bool has_unsigned = unsigned_code != nullptr;
+  if (cached && cached_has_unsigned == has_unsigned && std::memcmp(cached_key, signed_code, map_bytes) == 0 &&
+      (!has_unsigned || std::memcmp(cached_key + kCodeSize, unsigned_code, map_bytes) == 0))
+    return cached;
+  auto tables = std::make_shared<CodeTables>();  // ~70 KB: off the stack
+  tables->m.build(signed_code);
+  if (has_unsigned) tables->v.build(unsigned_code);
+  std::memcpy(cached_key, signed_code, map_bytes);
+  if (has_unsigned) std::memcpy(cached_key + kCodeSize, unsigned_code, map_bytes);
+  cached_has_unsigned = has_unsigned;
+  cached = tables;
+  return cached;
+}
 
 // ------------------------------------------------------------------------------------------------ float math
 
@@ -230,11 +253,12 @@ constexpr int64_t kChunksPerTask = 32;
 }  // namespace
 
 void run_step_cpu(const StepPlan& plan, const at::Tensor& signed_code, const at::Tensor& unsigned_code) {
-  CodeTables tables;
-  if (plan.has_8bit_state) {
-    tables.m.build(signed_code.data_ptr<float>());
-    if (plan.algorithm == kAdamW) tables.v.build(unsigned_code.data_ptr<float>());
-  }
+  static const CodeTables unused_tables{};  // float32 state only: the maps are never read
+  std::shared_ptr<const CodeTables> shared_tables;
+  if (plan.has_8bit_state)
+    shared_tables = code_tables_for(signed_code.data_ptr<float>(),
+                                    plan.algorithm == kAdamW ? unsigned_code.data_ptr<float>() : nullptr);
+  const CodeTables& tables = shared_tables ? *shared_tables : unused_tables;
   const std::vector<TensorEntry>& entries = plan.entries;
   at::parallel_for(0, plan.total_chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
     // The entry of chunk `begin`: the last one whose first_chunk <= begin.
@@ -262,7 +286,7 @@ at::Tensor nearest_code_indices_cpu(const at::Tensor& scaled, const at::Tensor& 
                     "nearest_code_indices: code must be a contiguous float32[256] CPU tensor");
   const at::Tensor values = scaled.contiguous();
   at::Tensor out = at::empty(values.sizes(), values.options().dtype(at::kByte));
-  const auto search = std::make_unique<CodeSearch>();  // ~20 KB: off the stack
+  const auto search = std::make_unique<CodeSearch>();  // ~35 KB: off the stack
   search->build(code.data_ptr<float>());
   const float* in = values.data_ptr<float>();
   uint8_t* result = out.data_ptr<uint8_t>();
