@@ -41,15 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no benchmark case matches --only {args.only!r}", file=sys.stderr)
         return 2
 
-    results = harness.run(cases, device, args.quick, progress=not args.no_progress)
-    data = results.to_json()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"latest-{_slug(device.type + '-' + data['device'])}")
+                                       f"latest-{_slug(device.type + '-' + harness.device_name(device))}")
     os.makedirs(out_dir, exist_ok=True)
-    harness.write_json(results, os.path.join(out_dir, "results.json"))
+
+    def write(results: harness.Results) -> None:
+        """results.json and results.md, rewritten as the run goes (an interrupted run keeps what it measured)."""
+        harness.write_json(results, os.path.join(out_dir, "results.json"))
+        with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(report.markdown(results.to_json()))
+
+    results = harness.run(cases, device, args.quick, progress=not args.no_progress, checkpoint=write)
+    data = results.to_json()
     table = report.markdown(data)
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table)
     plotted = report.plot(data, os.path.join(out_dir, "results.png"))
     print(table)
     print(f"wrote {out_dir}/results.json, results.md" + (", results.png" if plotted else ""))

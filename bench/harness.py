@@ -215,7 +215,10 @@ def run_case(case: Case, device: torch.device, results: Results, budget_s: float
     results.records.append({**base, "ms": ms, "peak_mem_mb": peak})
 
 
-def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool = True) -> Results:
+def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool = True,
+        checkpoint: Optional[Callable[[Results], None]] = None, checkpoint_every_s: float = 20.0) -> Results:
+    """Run every case; ``checkpoint(results)`` is called every ``checkpoint_every_s`` seconds and at the end, so an
+    interrupted run (a time limit on a lent GPU) still leaves its results behind."""
     cases = list(cases)
     results = Results(
         device=device_name(device),
@@ -234,6 +237,7 @@ def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool
         except ImportError:
             bar = None
     budget = 0.3 if quick or device.type == "cpu" else 0.15  # seconds per case: >= 20 runs of the slowest GPU case
+    last_checkpoint = time.perf_counter()
     for i, case in enumerate(cases):
         if bar is not None:
             bar.set_description(case.name[:60])
@@ -242,8 +246,13 @@ def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool
         run_case(case, device, results, budget)
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_every_s:
+            checkpoint(results)
+            last_checkpoint = time.perf_counter()
     if bar is not None:
         bar.close()
+    if checkpoint is not None:
+        checkpoint(results)
     return results
 
 
