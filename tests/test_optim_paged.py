@@ -240,7 +240,8 @@ def test_adamw8bit_first_step_matches_bitsandbytes():
 
 def test_state_bytes_per_parameter():
     shapes = [(16, 4096), (4096, 16), (300, 301)]
-    for optimizer_class, expected in ((PagedAdamW8bit, 2 + 2 * 4 / 256), (PagedAdamW, 8.0), (PagedLion8bit, 1 + 4 / 256)):
+    expected_bytes = ((PagedAdamW8bit, 2 + 2 * 4 / 256), (PagedAdamW, 8.0), (PagedLion8bit, 1 + 4 / 256))
+    for optimizer_class, expected in expected_bytes:
         params = make_params(shapes)
         optimizer = optimizer_class(params)
         run(optimizer, params, gradient_sequence(shapes, 1))
@@ -274,7 +275,8 @@ def test_state_dict_round_trip_resumes_exactly():
     for p, q in zip(params, resumed_params):
         assert torch.equal(p, q)
         for key, value in optimizer.state[p].items():
-            assert torch.equal(value, resumed.state[q][key]) if torch.is_tensor(value) else value == resumed.state[q][key]
+            other = resumed.state[q][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
     # Loading copies: stepping the resumed optimizer left the loaded dict as it was.
     for key, value in saved["state"].items():
         for name, tensor in value.items():

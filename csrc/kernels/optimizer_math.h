@@ -10,7 +10,8 @@
 //     p = p * (1 - lr * weight_decay)                      (decoupled weight decay, before the step)
 //     p = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // and Lion (Chen et al. 2023) as bitsandbytes implements it:
-//     p = p * (1 - lr * weight_decay);  p = p - lr * sign(beta1 * m + (1 - beta1) * g);  m = beta2 * m + (1 - beta2) * g
+//     p = p * (1 - lr * weight_decay);  p = p - lr * sign(beta1 * m + (1 - beta1) * g)
+//     m = beta2 * m + (1 - beta2) * g
 // Bias corrections and the decay factor are computed on the host from the integer step, in double, and passed as
 // float, so the device never needs to be read to launch a step.
 #pragma once
@@ -94,7 +95,9 @@ QK_HOST_DEVICE uint8_t quantize_unsigned(const float* midpoints, float x) {
 }
 
 // 1 / absmax, or 0 for an all-zero block (its codes then all decode to 0 whatever they are).
-QK_HOST_DEVICE float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : (absmax == 0.0f ? 0.0f : absmax); }
+QK_HOST_DEVICE float inverse_absmax(float absmax) {
+  return absmax > 0.0f ? 1.0f / absmax : (absmax == 0.0f ? 0.0f : absmax);  // NaN stays NaN
+}
 
 QK_HOST_DEVICE void adamw_update_moments(float& m, float& v, float g, const GroupHyperParams& h) {
   m = h.beta1 * m + h.one_minus_beta1 * g;

@@ -98,7 +98,9 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------ param groups
 
-    def _check_hyperparameters(self, group: dict, group_index: Optional[int]) -> tuple[float, float, float, float, float]:
+    def _check_hyperparameters(
+        self, group: dict, group_index: Optional[int]
+    ) -> tuple[float, float, float, float, float]:
         """(lr, beta1, beta2, eps, weight_decay) of ``group``, or a ValueError/TypeError naming the bad one."""
         lr = _check_number("lr", group["lr"], group_index)
         beta1, beta2 = _check_betas(group["betas"], group_index)
