@@ -17,6 +17,14 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("paged_prefetch(Tensor tensor) -> ()", &qlora_kernels::paged_prefetch);
   m.def("paged_evict(Tensor tensor) -> ()", &qlora_kernels::paged_evict);
   m.def("paged_bytes_in_use() -> int", &qlora_kernels::paged_bytes_in_use);
+  // Whether the CUDA kernels were compiled in (setup.py builds them only where torch has CUDA and nvcc exists).
+  m.def("_built_with_cuda() -> bool", []() -> bool {
+#ifdef QLORA_KERNELS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
 
   // One optimizer step for every tensor of a parameter group (optimizer_step.cpp: CPU and CUDA kernels).
   // algorithm: "adamw" or "lion". exp_avg_sqs / exp_avg_sq_absmaxes are empty lists for Lion; an absmax is an

@@ -479,6 +479,17 @@ def test_the_op_checks_its_arguments():
         op("adamw", [p], [g], [m], [v], [absmax], [absmax], [1], 1e-3, 0.9, 0.999, 1e-8, 0.0, code, code[:10])
 
 
+def test_missing_cuda_kernels_are_reported_clearly():
+    from qlora_kernels.optim.optimizer import _check_cuda_kernels
+
+    _check_cuda_kernels(torch.device("cpu"))
+    if torch.ops.qlora_kernels._built_with_cuda():
+        _check_cuda_kernels(torch.device("cuda"))
+    else:
+        with pytest.raises(RuntimeError, match="without its CUDA kernels"):
+            _check_cuda_kernels(torch.device("cuda"))
+
+
 # ------------------------------------------------------------------------------------------------------ NaN
 
 
@@ -504,6 +515,11 @@ def test_nan_gradient_propagates_like_torch_adamw(optimizer_class):
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_extension_has_its_cuda_kernels():
+    assert torch.ops.qlora_kernels._built_with_cuda(), "rebuild _C where nvcc is found (pip install -e .)"
 
 
 @pytest.mark.gpu

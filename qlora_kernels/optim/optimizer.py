@@ -34,6 +34,14 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANTIZATION_BLOCK = 256  # elements per absmax scale of the 8-bit state (the kernels' chunk size)
 
 
+def _check_cuda_kernels(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.ops.qlora_kernels._built_with_cuda():
+        raise RuntimeError(
+            "qlora_kernels._C was built without its CUDA kernels (torch had no CUDA or nvcc was not found at build "
+            "time); rebuild it with `pip install --no-build-isolation -e .` where both are available"
+        )
+
+
 def _check_number(name: str, value: Any, group_index: Optional[int] = None) -> float:
     where = "" if group_index is None else f" (param group {group_index})"
     if isinstance(value, torch.Tensor):
@@ -243,6 +251,7 @@ class PagedOptimizer(torch.optim.Optimizer):
             with_grad.append(p)
         if not with_grad:
             return
+        _check_cuda_kernels(device)
 
         params, grads, steps = [], [], []
         moments: dict[str, list[torch.Tensor]] = {name: [] for name in self.moment_names}
