@@ -7,9 +7,9 @@ paging of the state, one launch per group and no host synchronisation inside ste
 
 The bounds against bitsandbytes are measured, not guessed: on CPU bitsandbytes requantizes its 8-bit state with a
 lookup table that picks a farther level for a few % of values (test_adamw8bit_first_step_matches_bitsandbytes
-shows ours is never farther), which leaves ‖ours − bnb‖ / ‖bnb − start‖ ≈ 2–4.4e-3 for AdamW after 40 steps
-(0.9–2.1e-2 for Lion, whose sign update flips with the momentum's sign). A missing weight decay gives 6e-2 (Lion
-with the decay used here: ≈ 0.1), half of it 3e-2, absmax blocks of 128 instead of 256 2.4e-2, a 1 % lr error
+shows ours is never farther), which leaves ‖ours − bnb‖ / ‖bnb − start‖ ≈ 2.2–4.6e-3 for AdamW after 40 steps
+(1.0–1.5e-2 for Lion here, whose sign update flips with the momentum's sign). A missing weight decay gives 6e-2 (Lion
+with the decay used here: 0.29), half of it 3e-2, absmax blocks of 128 instead of 256 2.4e-2, a 1 % lr error
 1e-2, beta2 = 0.99 instead of 0.999 9e-3: all outside the bounds. Subtler errors are caught by the bit-exact
 comparison with the reference.
 """
@@ -37,7 +37,7 @@ HAS_CUDA = torch.cuda.is_available()
 SHAPES = [(64, 300), (4096,), (7, 33, 31), (777,), (33,), (1,), (0, 5)]
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 LION = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=1.0)
-BNB_ADAMW8_BOUND = 6e-3
+BNB_ADAMW8_BOUND = 7e-3
 BNB_LION8_BOUND = 4e-2
 FLOAT32_STATE_BOUND = 1e-5  # float32 state: rounding only (measured 1e-7–2.4e-7, 1.3e-6 for a 1-element tensor)
 
