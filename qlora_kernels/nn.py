@@ -232,6 +232,17 @@ class QLoRALinear(nn.Module):
         return tuple(getattr(self, name) for name in _BASE_BUFFERS.values())
 
     @property
+    def weight(self) -> "_StateKeyView":
+        """The NF4 base's state-dict entries, reachable by attribute along their keys: ``layer.weight.absmax``,
+        ``layer.weight.quant_state.bitsandbytes__nf4``, … (the NF4Weight itself is :attr:`base_weight`).
+
+        torch.distributed.checkpoint's ``get_model_state_dict`` (the state-dict API of FSDP2 and DDP) checks every key
+        of ``state_dict()`` by resolving it from the model one dotted part at a time; bitsandbytes' ``Params4bit``
+        offers these attributes for the same reason."""
+        prefix = "weight"
+        return _StateKeyView(self.base_weight.state_dict(prefix), prefix + ".")
+
+    @property
     def base_weight(self) -> NF4Weight:
         """The frozen NF4 base weight, viewing this module's buffers (rebuilt only after they change, e.g. .to())."""
         buffers = self._base_buffers()
@@ -366,6 +377,28 @@ class QLoRALinear(nn.Module):
             f"{', rslora' if self.use_rslora else ''}, base=NF4(blocksize={base.blocksize}"
             f"{', double_quant' if base.double_quant else ''}, dtype={str(base.dtype).removeprefix('torch.')})"
         )
+
+
+class _StateKeyView:
+    """Flat state-dict entries seen as attributes along their dotted keys: with prefix ``"weight."``,
+    ``view.quant_state.bitsandbytes__nf4`` is the entry ``"weight.quant_state.bitsandbytes__nf4"``."""
+
+    def __init__(self, entries: Mapping[str, torch.Tensor], prefix: str) -> None:
+        self._entries = entries
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # our own fields before they are set (copy, pickle) and Python's protocol names
+            raise AttributeError(name)
+        key = self._prefix + name
+        if any(k.startswith(key + ".") for k in self._entries):
+            return _StateKeyView(self._entries, key + ".")
+        if key in self._entries:
+            return self._entries[key]
+        raise AttributeError(f"no state-dict entry {key!r}")
+
+    def __repr__(self) -> str:
+        return f"<state-dict entries {sorted(k for k in self._entries if k.startswith(self._prefix))}>"
 
 
 def _base_state_keys(state_dict: Mapping[str, Any], key: str) -> set[str]:
