@@ -15,6 +15,7 @@ from .functional import nf4_lora_linear
 from .nf4 import NF4Weight
 from .nn import QLoRALinear
 from .integrations.peft import patch_peft_model, unpatch_peft_model
+from . import distributed  # noqa: F401,E402  (qk.distributed.fully_shard_qlora, ddp_qlora: FSDP2 / DDP)
 
 __all__ = [
     "NF4Weight",
