@@ -35,9 +35,20 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def triton_device(device) -> torch.device:
+    """``device`` for tests that call the Triton launchers directly (skipped on a CPU without the interpreter)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (this run turned the interpreter off)")
+    return device
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch) -> str:
-    """Run a test through the torch reference and through the Triton launchers (interpreted on CPU)."""
+    """Run a test through the torch reference and through the Triton launchers (interpreted on CPU). Tests that take
+    this fixture make their tensors on ``device``, so on a GPU machine the Triton side runs compiled on CUDA."""
+    if request.param == "triton" and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (this run turned the interpreter off)")
     monkeypatch.setenv("QLORA_KERNELS_BACKEND", request.param)
     return request.param
 

@@ -37,15 +37,15 @@ def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
 
 def _near_tie(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Elements within float32 rounding of a decision midpoint, where two correct quantizers may differ."""
-    mids = reference.midpoints(code).double()
-    return ((scaled.double()[:, None] - mids[None, :]).abs() <= 4e-7 * (1 + mids.abs()[None, :])).any(dim=1)
+    mids = reference.midpoints(code).double().cpu()
+    return ((scaled.double().cpu()[:, None] - mids[None, :]).abs() <= 4e-7 * (1 + mids.abs()[None, :])).any(dim=1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_quantize_gives_bitsandbytes_bytes(shape, dtype, double_quant, backend):
-    w = torch.randn(shape, dtype=dtype)
+def test_quantize_gives_bitsandbytes_bytes(shape, dtype, double_quant, backend, device):
+    w = torch.randn(shape, dtype=dtype, device=device)
     ours = qk.NF4Weight.quantize(w, blocksize=64, double_quant=double_quant)
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
 
@@ -55,7 +55,7 @@ def test_quantize_gives_bitsandbytes_bytes(shape, dtype, double_quant, backend):
     differ = codes_ours != codes_bnb
     if differ.any():
         _, absmax32, _, _ = reference.quantize_nf4(w, 64, False)
-        scaled = w.reshape(-1).float() / absmax32[torch.arange(w.numel()) // 64]
+        scaled = w.reshape(-1).float() / absmax32[torch.arange(w.numel(), device=w.device) // 64]
         assert bool(_near_tie(scaled[differ], reference.nf4_code()).all()), "codes differ away from a tie"
     assert ours.packed.shape == packed.shape and ours.packed.dtype == packed.dtype
 
@@ -67,7 +67,7 @@ def test_quantize_gives_bitsandbytes_bytes(shape, dtype, double_quant, backend):
     # absmax codes: ours are the nearest level (bitsandbytes' CUDA rule). bitsandbytes' CPU library finds the
     # level through an approximate lookup table and sometimes lands a few levels off; where the bytes differ,
     # ours must be strictly the better code.
-    dyn = reference.dynamic_map(True)
+    dyn = reference.dynamic_map(True, device)
     _, absmax32, _, _ = reference.quantize_nf4(w, 64, False)
     nested = state.state2.absmax.repeat_interleave(256)[: absmax32.numel()]
     target = ((absmax32 - state.offset) / nested.clamp(min=1e-38)).double()
@@ -82,8 +82,8 @@ def test_quantize_gives_bitsandbytes_bytes(shape, dtype, double_quant, backend):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_equals_bitsandbytes(shape, dtype, double_quant, backend):
-    w = torch.randn(shape, dtype=dtype)
+def test_dequantize_equals_bitsandbytes(shape, dtype, double_quant, backend, device):
+    w = torch.randn(shape, dtype=dtype, device=device)
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     want = F.dequantize_4bit(packed, state)
     got = qk.NF4Weight.from_bnb(packed, state).dequantize()
@@ -96,8 +96,8 @@ def test_dequantize_equals_bitsandbytes(shape, dtype, double_quant, backend):
 
 @pytest.mark.parametrize("shape", [(48, 96), (3, 160), (70, 130), (1, 33)])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_equals_bitsandbytes_reference_kernel(shape, double_quant, backend):
-    w = torch.randn(shape)
+def test_dequantize_equals_bitsandbytes_reference_kernel(shape, double_quant, backend, device):
+    w = torch.randn(shape, device=device)
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     assert torch.equal(qk.NF4Weight.from_bnb(packed, state).dequantize(), bnb_reference_dequantize(packed, state))
 

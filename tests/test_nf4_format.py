@@ -55,8 +55,8 @@ def test_tie_on_a_midpoint_goes_to_lower_code():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_triton_quantize_matches_reference(shape, dtype, double_quant, backend):
-    w = torch.randn(shape, dtype=dtype)
+def test_triton_quantize_matches_reference(shape, dtype, double_quant, backend, device):
+    w = torch.randn(shape, dtype=dtype, device=device)
     got = ops.quantize_nf4(w, 64, double_quant)
     want = reference.quantize_nf4(w, 64, double_quant)
     for name, g, r in zip(("packed", "absmax", "nested_absmax", "offset"), got, want):
@@ -69,8 +69,8 @@ def test_triton_quantize_matches_reference(shape, dtype, double_quant, backend):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_matches_reference(shape, dtype, double_quant, backend):
-    w4 = qk.NF4Weight.quantize(torch.randn(shape), blocksize=32, double_quant=double_quant)
+def test_dequantize_matches_reference(shape, dtype, double_quant, backend, device):
+    w4 = qk.NF4Weight.quantize(torch.randn(shape, device=device), blocksize=32, double_quant=double_quant)
     got = w4.dequantize(dtype)
     want = reference.dequantize_nf4(
         w4.packed, w4.absmax, w4.nested_absmax, w4.offset, 32, shape, dtype, w4.nested_quant_map
@@ -83,8 +83,8 @@ def test_dequantize_matches_reference(shape, dtype, double_quant, backend):
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])
-def test_every_blocksize_roundtrips_through_both_backends(blocksize, backend):
-    w = torch.randn(37, 301)
+def test_every_blocksize_roundtrips_through_both_backends(blocksize, backend, device):
+    w = torch.randn(37, 301, device=device)
     w4 = qk.NF4Weight.quantize(w, blocksize=blocksize)
     ref = reference.quantize_nf4(w, blocksize, True)
     assert torch.equal(w4.packed_bytes(), ref[0]) and torch.equal(w4.absmax, ref[1])
@@ -97,13 +97,14 @@ def test_every_blocksize_roundtrips_through_both_backends(blocksize, backend):
 
 
 @pytest.mark.parametrize("fill", [0x00, 0xFF])
-def test_triton_quantize_writes_every_output_element(fill):
+def test_triton_quantize_writes_every_output_element(fill, triton_device):
+    device = triton_device
     from qlora_kernels.triton_kernels import nf4 as tnf4
 
-    w = torch.randn(33, 77)
+    w = torch.randn(33, 77, device=device)
     numel = w.numel()
-    out_packed = torch.full(((numel + 1) // 2,), fill, dtype=torch.uint8)
-    out_absmax = nan_filled((-(-numel // 64),), torch.float32, "cpu")
+    out_packed = torch.full(((numel + 1) // 2,), fill, dtype=torch.uint8, device=device)
+    out_absmax = nan_filled((-(-numel // 64),), torch.float32, device)
     packed, absmax, _, _ = tnf4.quantize_nf4(w, 64, False, out_packed=out_packed, out_absmax=out_absmax)
     ref_packed, ref_absmax, _, _ = reference.quantize_nf4(w, 64, False)
     assert packed.data_ptr() == out_packed.data_ptr()
@@ -112,11 +113,12 @@ def test_triton_quantize_writes_every_output_element(fill):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(33, 77), (1, 1), (513, 100)])
-def test_triton_dequantize_writes_every_output_element(dtype, shape):
+def test_triton_dequantize_writes_every_output_element(dtype, shape, triton_device):
+    device = triton_device
     from qlora_kernels.triton_kernels import nf4 as tnf4
 
-    w4 = qk.NF4Weight.quantize(torch.randn(shape))
-    out = nan_filled(shape, dtype, "cpu")
+    w4 = qk.NF4Weight.quantize(torch.randn(shape, device=device))
+    out = nan_filled(shape, dtype, device)
     got = tnf4.dequantize_nf4(
         w4.packed_bytes(), w4.absmax, w4.nested_absmax, w4.offset, 64, shape, dtype, w4.nested_quant_map, out=out
     )
