@@ -33,14 +33,11 @@ DEFAULT_DATA = HERE / "data" / "devils_dictionary.txt"
 VOCAB = 256  # byte-level "tokenizer": every byte is a token
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_training_arguments(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """The model, data and training options this example shares with examples/fsdp_qlora.py."""
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a UTF-8/ASCII text file (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("tiny_llama_qlora_adapter"), help="where the adapter is saved")
-    p.add_argument("--steps", type=int, default=200, help="training steps with the patch (default: %(default)s)")
-    p.add_argument("--compare-steps", type=int, default=10,
-                   help="steps timed with and without the patch, alternating (0: skip; default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help=batch_help)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256, help="hidden size (a multiple of 64)")
     p.add_argument("--layers", type=int, default=4)
@@ -50,19 +47,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the before/after loss")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny model and a few steps, to check that it all runs")
-    args = p.parse_args(argv)
+
+
+def check_training_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Apply --smoke's tiny settings and refuse sizes the model cannot take."""
     if args.smoke:
-        args.steps, args.compare_steps, args.batch_size, args.seq_len = 4, 2, 2, 32
+        args.steps, args.batch_size, args.seq_len = 4, 2, 32
         args.hidden, args.layers, args.heads, args.rank, args.eval_batches = 64, 2, 2, 4, 1
     if args.hidden % 64 or args.hidden % args.heads:
         p.error("--hidden must be a multiple of 64 and of --heads")
     if min(args.steps, args.batch_size, args.seq_len, args.layers, args.rank, args.eval_batches) < 1:
         p.error("--steps, --batch-size, --seq-len, --layers, --rank and --eval-batches must be >= 1")
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_training_arguments(p, batch_help="sequences per step")
+    p.add_argument("--out", type=Path, default=Path("tiny_llama_qlora_adapter"), help="where the adapter is saved")
+    p.add_argument("--compare-steps", type=int, default=10,
+                   help="steps timed with and without the patch, alternating (0: skip; default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    args = check_training_arguments(p, p.parse_args(argv))
+    if args.smoke:
+        args.compare_steps = 2
     return args
 
 

@@ -28,37 +28,23 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the single-GPU example's model builder and data helpers
 
-from finetune_tiny_llama import DEFAULT_DATA, VOCAB, build_qlora_model, load_bytes, sample_batch  # noqa: E402
+from finetune_tiny_llama import (  # noqa: E402
+    VOCAB,
+    add_training_arguments,
+    build_qlora_model,
+    check_training_arguments,
+    load_bytes,
+    sample_batch,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a UTF-8/ASCII text file (default: %(default)s)")
+    add_training_arguments(p, batch_help="sequences per rank and step")
     p.add_argument("--out", type=Path, default=Path("tiny_llama_fsdp_adapter"), help="where rank 0 saves the adapter")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank and step")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (a multiple of 64)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (scale = alpha / r)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the before/after loss")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16"],
                    help="auto: bf16 mixed precision on GPUs, float32 on CPUs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="a tiny model and a few steps, to check that it all runs")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch_size, args.seq_len = 4, 2, 32
-        args.hidden, args.layers, args.heads, args.rank, args.eval_batches = 64, 2, 2, 4, 1
-    if args.hidden % 64 or args.hidden % args.heads:
-        p.error("--hidden must be a multiple of 64 and of --heads")
-    if min(args.steps, args.batch_size, args.seq_len, args.layers, args.rank, args.eval_batches) < 1:
-        p.error("--steps, --batch-size, --seq-len, --layers, --rank and --eval-batches must be >= 1")
-    return args
+    return check_training_arguments(p, p.parse_args(argv))
 
 
 def local_device() -> torch.device:

@@ -33,6 +33,13 @@ def _format_bytes(n: int) -> str:
     return f"{n:.2f} GiB"
 
 
+def in_bnb_cpu_layout(quant_state: Any) -> bool:
+    """True when bitsandbytes has rewritten the storage behind ``quant_state`` into its CPU inference layout
+    (reordered bytes, bf16 absmax), which is not NF4 storage. bitsandbytes does so, in place, at an eval-mode forward
+    whose input needs no grad on a CPU with AVX512-BF16."""
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
 def check_blocksize(blocksize: Any) -> int:
     """Validate an NF4 blocksize: a power of two from 32 to 4096 (bitsandbytes' set)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
@@ -200,7 +207,7 @@ class NF4Weight:
                 f"quant_state.quant_type must be 'nf4', got {quant_type!r}"
                 + (": FP4 is a different 4-bit format (uniform-exponent levels), not NF4" if quant_type == "fp4" else "")
             )
-        if getattr(quant_state, "packing_format_for_cpu", False):
+        if in_bnb_cpu_layout(quant_state):
             raise ValueError(
                 "bitsandbytes has rewritten this weight into its CPU inference layout (reordered bytes, bf16 absmax; it "
                 "does so at an eval-mode CPU forward on AVX512-BF16 machines), which is not NF4 storage: restore it "

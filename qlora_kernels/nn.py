@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .functional import nf4_lora_linear
-from .nf4 import NF4Weight, check_blocksize
+from .nf4 import NF4Weight, check_blocksize, in_bnb_cpu_layout
 
 # Buffer name of each NF4Weight field. The names cannot be bitsandbytes' state-dict keys ("weight.absmax" holds a
 # dot), so the buffers are non-persistent and _save_to_state_dict/_load_from_state_dict write and read those keys.
@@ -60,8 +60,7 @@ def bnb_cpu_repacked(linear4bit: nn.Module) -> bool:
     example the first decoder layer of a model loaded with ``from_pretrained``, which starts in eval mode): the bytes
     are reordered and absmax is kept in bf16. That is not NF4 as the kernels read it.
     """
-    quant_state = getattr(getattr(linear4bit, "weight", None), "quant_state", None)
-    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+    return in_bnb_cpu_layout(getattr(getattr(linear4bit, "weight", None), "quant_state", None))
 
 
 def restore_bnb_nf4_layout(linear4bit: nn.Module) -> None:

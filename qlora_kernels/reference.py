@@ -245,17 +245,20 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device
     return (dropout_hash(index, seed) >> 8) >= dropout_threshold(p)
 
 
-def lora_dropout(x: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """Inverted dropout of 2-D ``x`` with the hash mask, in x's dtype: kept elements scaled by 1 / (1 - p)."""
-    if p == 0.0:
-        return x
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    return torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def lora_dropout(
+    x: torch.Tensor, p: float, seed: Optional[torch.Tensor], keep: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Inverted dropout of 2-D ``x`` with the hash mask (or ``keep``, that mask already built), in x's dtype: kept
+    elements scaled by 1 / (1 - p)."""
+    if p == 0.0:
+        return x
+    if keep is None:
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+    return torch.where(keep, x.to(_acc_dtype(x.dtype)) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
 def nf4_lora_linear_fwd(
@@ -318,17 +321,19 @@ def nf4_lora_linear_bwd(
     n, k = lora_B.shape[0], x.shape[1]
     dy = grad_y.to(acc)
     grad_x = grad_A = grad_B = grad_bias = None
+    keep = None
+    if dropout > 0.0 and (need_x or need_A):
+        keep = dropout_keep_mask(seed, x.shape[0], k, dropout, x.device)
     if need_x or need_A:
         ds_scaled = (scale * (dy @ lora_B.to(acc))).to(dtype).to(acc)
     if need_x:
         w = dequantize_nf4(packed, absmax, nested_absmax, offset, blocksize, (n, k), dtype, nested_code).to(acc)
         lora = ds_scaled @ lora_A.to(acc)
-        if dropout > 0.0:
-            keep = dropout_keep_mask(seed, x.shape[0], k, dropout, x.device)
+        if keep is not None:
             lora = torch.where(keep, lora * (1.0 / (1.0 - dropout)), 0.0)
         grad_x = (dy @ w + lora).to(dtype)
     if need_A:
-        grad_A = (ds_scaled.T @ lora_dropout(x, dropout, seed).to(acc)).to(lora_A.dtype)
+        grad_A = (ds_scaled.T @ lora_dropout(x, dropout, seed, keep).to(acc)).to(lora_A.dtype)
     if need_B:
         grad_B = (dy.T @ (scale * s.to(acc)).to(dtype).to(acc)).to(lora_B.dtype)
     if need_bias:

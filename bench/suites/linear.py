@@ -134,7 +134,7 @@ def _cases_for(layer: _Layer, m: int, impls, ops, device) -> list[Case]:
     for impl in impls:
         fn, (lora_a, lora_b) = layer.forward(impl)
 
-        def check_fwd(y, fn=fn):
+        def check_fwd(y):
             err = _rel_err(y, y_ref)
             return None if err <= REL_TOL else f"output relative error {err:.3e} > {REL_TOL}"
 
@@ -149,8 +149,9 @@ def _cases_for(layer: _Layer, m: int, impls, ops, device) -> list[Case]:
             small = m <= SMALL_M
 
             def make_fwd(fn=fn, small=small):
-                nxt = rotating(xs)
                 if small:  # decode: no autograd bookkeeping, launch overhead hidden by a CUDA graph
+                    nxt = rotating(xs)
+
                     def call():
                         with torch.no_grad():
                             return fn(nxt())

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..functional import nf4_lora_linear
-from ..nf4 import NF4Weight
+from ..nf4 import NF4Weight, in_bnb_cpu_layout
 from ..nn import restore_bnb_nf4_layout
 
 __all__ = ["patch_peft_model", "unpatch_peft_model"]
@@ -122,7 +122,7 @@ class FusedLoraForward:
         """
         weight = self.layer.base_layer.weight
         quant_state = getattr(weight, "quant_state", None)
-        if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+        if quant_state is None or in_bnb_cpu_layout(quant_state):
             return None
         cached = self._cache
         if cached is None or cached[0] is not weight or cached[1] is not quant_state or cached[2] is not quant_state.absmax:
