@@ -33,6 +33,7 @@ from finetune_tiny_llama import (  # noqa: E402
     add_training_arguments,
     build_qlora_model,
     check_training_arguments,
+    held_out_loss,  # the same batches before and after training, on every rank (a fixed generator seed)
     load_bytes,
     sample_batch,
 )
@@ -73,16 +74,6 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)  # SUM: gloo has no AVG
     return total.item() / dist.get_world_size()
-
-
-@torch.no_grad()
-def held_out_loss(model, data, args, device) -> float:
-    generator = torch.Generator().manual_seed(1234)  # the same batches before and after training, on every rank
-    total = 0.0
-    for _ in range(args.eval_batches):
-        ids = sample_batch(data, args.batch_size, args.seq_len, generator).to(device)
-        total += model(input_ids=ids, labels=ids).loss.item()
-    return total / args.eval_batches
 
 
 def main(argv=None) -> int:
