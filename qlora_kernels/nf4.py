@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from . import ops, reference
+from .storage import check_nf4_storage, check_shape
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -23,6 +24,40 @@ def _dtype_from_name(name: str, what: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{what} must name a torch dtype, got {name!r}")
     return dtype
+
+
+def _state_tensor(state_dict: Mapping[str, Any], key: str) -> torch.Tensor:
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _read_quant_state(blob: Any, key: str) -> dict:
+    """bitsandbytes' packed quant state: a uint8 tensor of UTF-8 JSON holding one object."""
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D uint8 tensor of JSON bytes, got {getattr(blob, 'dtype', type(blob).__name__)}")
+    if blob.numel() > 1 << 20:
+        raise ValueError(f"{key} holds {blob.numel()} bytes; a quant state is a few hundred")
+    try:
+        meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{key} is not bitsandbytes' packed JSON quant state: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key} must hold a JSON object, got a JSON {type(meta).__name__}")
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{key} has quant_type {meta.get('quant_type')!r}, expected 'nf4'")
+    for field in ("blocksize", "dtype", "shape"):
+        if field not in meta:
+            raise ValueError(f"{key} lacks {field!r}")
+    return meta
+
+
+def _meta_int(meta: Mapping[str, Any], field: str, key: str, default: Optional[int] = None) -> int:
+    value = meta.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}[{field!r}] must be an integer, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _format_bytes(n: int) -> str:
@@ -47,9 +82,12 @@ def check_blocksize(blocksize: Any) -> int:
     return blocksize
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A plain ``torch.Tensor`` sharing storage with ``t`` (drops Parameter / Params4bit subclasses)."""
-    return t.detach().as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+def _plain(t: Any) -> Any:
+    """A plain ``torch.Tensor`` sharing storage with ``t`` (drops Parameter / Params4bit subclasses); anything that
+    is not a tensor is returned as it is, for the storage check to name."""
+    if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
+        return t.detach().as_subclass(torch.Tensor)
+    return t
 
 
 class NF4Weight:
@@ -77,61 +115,57 @@ class NF4Weight:
         quant_map: Optional[torch.Tensor] = None,
         nested_quant_map: Optional[torch.Tensor] = None,
     ) -> None:
-        shape = torch.Size(int(s) for s in shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"shape must be [N, K] with N, K >= 1, got {tuple(shape)}")
-        if dtype not in _FLOAT_DTYPES:
+        n, k = check_shape(shape)
+        if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
         check_blocksize(blocksize)
-        numel = shape.numel()
-        nblocks = -(-numel // blocksize)
         packed, absmax = _plain(packed), _plain(absmax)
-        if packed.numel() * packed.element_size() != (numel + 1) // 2:
-            raise ValueError(
-                f"packed must hold (N*K + 1) // 2 = {(numel + 1) // 2} bytes for shape {tuple(shape)}, "
-                f"got {packed.numel() * packed.element_size()} ({packed.dtype} {tuple(packed.shape)})"
-            )
+        nested_absmax = None if nested_absmax is None else _plain(nested_absmax)
+        offset = None if offset is None else _plain(offset)
+        if isinstance(offset, torch.Tensor) and offset.is_floating_point() and offset.dtype != torch.float32:
+            offset = offset.float()  # a float32 scalar in bitsandbytes; accept another float width, as bitsandbytes does
         double_quant = nested_absmax is not None
-        if double_quant != (offset is not None):
-            raise ValueError("nested_absmax and offset come together (double quantization) or not at all")
-        expected_absmax_dtype = torch.uint8 if double_quant else torch.float32
-        if absmax.dtype != expected_absmax_dtype or absmax.numel() != nblocks:
-            raise ValueError(
-                f"absmax must be {expected_absmax_dtype} [{nblocks}] for shape {tuple(shape)} and blocksize "
-                f"{blocksize}{' with double quantization' if double_quant else ''}, got {absmax.dtype} {tuple(absmax.shape)}"
-            )
         if quant_map is None:
-            quant_map = reference.nf4_code(packed.device)
-        elif not torch.equal(quant_map.detach().float().cpu(), reference.nf4_code()):
+            quant_map = reference.nf4_code(getattr(packed, "device", "cpu"))
+        elif not isinstance(quant_map, torch.Tensor):
+            raise TypeError(f"quant_map must be a torch.Tensor, got {type(quant_map).__name__}")
+        elif quant_map.dtype != torch.float32 or quant_map.numel() != 16:
+            raise ValueError(f"quant_map must be float32 [16] (the NF4 codebook), got {quant_map.dtype} {tuple(quant_map.shape)}")
+        elif not torch.equal(quant_map.detach().cpu().reshape(-1), reference.nf4_code()):
             raise ValueError("quant_map is not the NF4 codebook (is this an FP4 or custom 4-bit weight?)")
+        quant_map = _plain(quant_map)
         if double_quant:
-            nested_absmax, offset = _plain(nested_absmax), _plain(offset)
-            nested_blocks = -(-nblocks // reference.NESTED_BLOCKSIZE)
-            if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nested_blocks:
-                raise ValueError(
-                    f"nested_absmax must be float32 [{nested_blocks}], got {nested_absmax.dtype} {tuple(nested_absmax.shape)}"
-                )
-            if offset.numel() != 1:
-                raise ValueError(f"offset must be a float32 scalar, got shape {tuple(offset.shape)}")
-            offset = offset.reshape(()).float()
             if nested_quant_map is None:
-                nested_quant_map = reference.dynamic_map(True, packed.device)
-            elif nested_quant_map.numel() != 256:
-                raise ValueError(f"nested_quant_map must have 256 entries, got {nested_quant_map.numel()}")
+                nested_quant_map = reference.dynamic_map(True, getattr(packed, "device", "cpu"))
+            elif not isinstance(nested_quant_map, torch.Tensor):
+                raise TypeError(f"nested_quant_map must be a torch.Tensor, got {type(nested_quant_map).__name__}")
+            nested_quant_map = _plain(nested_quant_map)
         else:
             nested_quant_map = None
-        devices = {t.device for t in (packed, absmax, nested_absmax, offset) if t is not None}
-        if len(devices) != 1:
-            raise ValueError(f"packed, absmax, nested_absmax and offset must be on one device, got {sorted(map(str, devices))}")
-        self.packed = packed
-        self.absmax = absmax
-        self.nested_absmax = nested_absmax
-        self.offset = offset
-        self.quant_map = _plain(quant_map).float()
-        self.nested_quant_map = None if nested_quant_map is None else _plain(nested_quant_map).float()
-        self.shape = shape
-        self.dtype = dtype
-        self.blocksize = blocksize
+        check_nf4_storage(
+            packed, absmax, nested_absmax, offset, n * k, blocksize, quant_map, nested_quant_map, check_values=True
+        )
+        fields = dict(
+            packed=packed,
+            absmax=absmax,
+            nested_absmax=nested_absmax,
+            offset=None if offset is None else offset.reshape(()),
+            quant_map=quant_map,
+            nested_quant_map=nested_quant_map,
+            shape=torch.Size((n, k)),
+            dtype=dtype,
+            blocksize=blocksize,
+        )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Validated once, then frozen: a field swapped afterwards (a shorter nested_absmax, say) would reach the
+        # kernels unchecked. Build a new NF4Weight instead.
+        raise AttributeError(f"NF4Weight is immutable (validated at construction): cannot set {name!r}; build a new one")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"NF4Weight is immutable: cannot delete {name!r}")
 
     # ------------------------------------------------------------------------------------------------ creation
 
@@ -241,35 +275,47 @@ class NF4Weight:
         missing = [k for k in (p, f"{p}.absmax", f"{p}.quant_map", f"{p}.{_QUANT_STATE_KEY}") if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks the NF4 keys {missing} (prefix {p!r})")
-        try:
-            meta = json.loads(bytes(state_dict[f"{p}.{_QUANT_STATE_KEY}"].cpu().to(torch.uint8).tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{p}.{_QUANT_STATE_KEY} is not bitsandbytes' packed JSON quant state: {exc}") from exc
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"{p}.{_QUANT_STATE_KEY} has quant_type {meta.get('quant_type')!r}, expected 'nf4'")
-        for key in ("blocksize", "dtype", "shape"):
-            if key not in meta:
-                raise ValueError(f"{p}.{_QUANT_STATE_KEY} lacks {key!r}")
-        double_quant = "nested_absmax" in meta or f"{p}.nested_absmax" in state_dict
+        meta = _read_quant_state(state_dict[f"{p}.{_QUANT_STATE_KEY}"], f"{p}.{_QUANT_STATE_KEY}")
+        double_quant = "nested_absmax" in meta or "nested_offset" in meta or f"{p}.nested_absmax" in state_dict
         nested_absmax = offset = nested_map = None
         if double_quant:
             missing = [k for k in (f"{p}.nested_absmax", f"{p}.nested_quant_map") if k not in state_dict]
             if missing or "nested_offset" not in meta:
                 raise ValueError(f"double-quantized state lacks {missing or ['nested_offset']} (prefix {p!r})")
-            if int(meta.get("nested_blocksize", reference.NESTED_BLOCKSIZE)) != reference.NESTED_BLOCKSIZE:
-                raise ValueError(f"nested_blocksize must be {reference.NESTED_BLOCKSIZE}, got {meta['nested_blocksize']}")
-            nested_absmax = state_dict[f"{p}.nested_absmax"]
-            nested_map = state_dict[f"{p}.nested_quant_map"]
-            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=nested_absmax.device)
+            nested_blocksize = _meta_int(meta, "nested_blocksize", f"{p}.{_QUANT_STATE_KEY}", reference.NESTED_BLOCKSIZE)
+            if nested_blocksize != reference.NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize must be {reference.NESTED_BLOCKSIZE}, got {nested_blocksize}")
+            nested_dtype = meta.get("nested_dtype", "float32")
+            if nested_dtype != "float32":
+                raise ValueError(f"{p}.{_QUANT_STATE_KEY}['nested_dtype'] must be 'float32', got {nested_dtype!r}")
+            nested_absmax = _state_tensor(state_dict, f"{p}.nested_absmax")
+            nested_map = _state_tensor(state_dict, f"{p}.nested_quant_map")
+            offset_value = meta["nested_offset"]
+            if isinstance(offset_value, bool) or not isinstance(offset_value, (int, float)):
+                raise ValueError(
+                    f"{p}.{_QUANT_STATE_KEY}['nested_offset'] must be a number, got {type(offset_value).__name__}"
+                )
+            offset = torch.tensor(float(offset_value), dtype=torch.float32, device=nested_absmax.device)
+        shape = meta["shape"]
+        if not isinstance(shape, list):
+            raise ValueError(f"{p}.{_QUANT_STATE_KEY}['shape'] must be a list [N, K], got {type(shape).__name__}")
+        try:
+            check_shape(shape, f"{p}.{_QUANT_STATE_KEY}['shape']")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        blocksize = _meta_int(meta, "blocksize", f"{p}.{_QUANT_STATE_KEY}")
+        dtype_name = meta["dtype"]
+        if not isinstance(dtype_name, str):
+            raise ValueError(f"{p}.{_QUANT_STATE_KEY}['dtype'] must be a string, got {type(dtype_name).__name__}")
         return cls(
-            state_dict[p],
-            state_dict[f"{p}.absmax"],
-            tuple(meta["shape"]),
-            _dtype_from_name(meta["dtype"], f"{p}.{_QUANT_STATE_KEY}['dtype']"),
-            int(meta["blocksize"]),
+            _state_tensor(state_dict, p),
+            _state_tensor(state_dict, f"{p}.absmax"),
+            tuple(shape),
+            _dtype_from_name(dtype_name, f"{p}.{_QUANT_STATE_KEY}['dtype']"),
+            blocksize,
             nested_absmax,
             offset,
-            quant_map=state_dict[f"{p}.quant_map"],
+            quant_map=_state_tensor(state_dict, f"{p}.quant_map"),
             nested_quant_map=nested_map,
         )
 

@@ -2,7 +2,9 @@
 
 Plain tensors in, plain tensors out. The CPU kernel is the torch reference (or the Triton launcher under
 ``QLORA_KERNELS_BACKEND=triton``), the CUDA kernel the Triton launcher (or the reference under
-``QLORA_KERNELS_BACKEND=torch``). Input validation lives in the public API above this layer.
+``QLORA_KERNELS_BACKEND=torch``). Argument validation lives in the public API above this layer; the NF4 storage
+operands are checked here too (structure only: dtypes, element counts, contiguity, one device; no device sync), so a
+direct ``torch.ops.qlora_kernels`` call cannot hand a kernel a short or strided storage tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from . import reference
 from ._backend import triton_kernels, use_triton
+from .storage import check_nf4_storage
 
 _EMPTY = (0,)
 
@@ -74,6 +77,10 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """Dequantize NF4 storage to ``dtype`` [shape]: ``code[nibble] * absmax[block]`` in float32, cast once.
     ``packed`` is the uint8 byte view; pass nested_absmax, offset and nested_code for double quantization."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    check_nf4_storage(packed, absmax, nested_absmax, offset, numel, blocksize, None, nested_code, check_values=False)
     return _nf4_module(packed.device).dequantize_nf4(
         packed, absmax, nested_absmax, offset, blocksize, shape, dtype, nested_code
     )
@@ -90,6 +97,14 @@ def _(packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtyp
 # (packed uint8 bytes, absmax, optional double quantization). x, lora_A, lora_B and bias share one float dtype (the
 # functional API checks and casts). The forward also returns S = dropout(x) · lora_Aᵀ [M, r] in float32 for the
 # backward; ``seed`` (int64, one element) regenerates the dropout mask there. Autograd: x, lora_A, lora_B, bias.
+
+
+def _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize) -> None:
+    """The NF4 storage of a fused linear's weight [N = lora_B rows, K = x columns], structure only."""
+    if x.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"x and lora_B must be 2-D, got {tuple(x.shape)} and {tuple(lora_B.shape)}")
+    numel = lora_B.shape[0] * x.shape[1]
+    check_nf4_storage(packed, absmax, nested_absmax, offset, numel, blocksize, None, nested_code, check_values=False)
 
 
 def _lora_linear_module(device: torch.device):
@@ -116,6 +131,7 @@ def nf4_lora_linear_fwd(
     seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused NF4 + LoRA linear, forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``."""
+    _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
     return _lora_linear_module(x.device).nf4_lora_linear_fwd(
         x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed
     )
@@ -149,6 +165,7 @@ def nf4_lora_linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused NF4 + LoRA linear, backward: ``(grad_x [M, K], grad_A [r, K], grad_B [N, r], grad_bias [N])`` in x's
     dtype; a gradient that is not needed comes back as an empty tensor. No gradient for the frozen W."""
+    _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
     grads = _lora_linear_module(x.device).nf4_lora_linear_bwd(
         grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
         dropout, seed, need_x, need_A, need_B, need_bias,

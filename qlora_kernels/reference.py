@@ -105,7 +105,7 @@ def quantize_blockwise_8bit(
 def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """float32 [n]: each block of ``values`` times its absmax (the trailing block may be short)."""
     n = values.numel()
-    return (_blocks(values, blocksize) * absmax.float()[:, None]).reshape(-1)[:n]
+    return (_blocks(values, blocksize) * absmax.float().reshape(-1)[:, None]).reshape(-1)[:n]
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -146,11 +146,15 @@ def decode_absmax(
     nested_code: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """float32 absmax per NF4 block: as stored, or ``dyn[q] * nested_absmax[b >> 8] + offset`` when double-quantized."""
+    # Flat views: an absmax stored as [blocks, 1] (or any shape with the right count) must index by block, never
+    # broadcast against the block axis.
+    absmax = absmax.reshape(-1)
     if nested_absmax is None:
         return absmax.float()
     if nested_code is None:
         nested_code = dynamic_map(True, absmax.device)
-    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, NESTED_BLOCKSIZE) + offset.float()
+    nested = dequantize_blockwise_8bit(absmax, nested_absmax.reshape(-1), nested_code.reshape(-1), NESTED_BLOCKSIZE)
+    return nested + offset.float().reshape(())
 
 
 @functools.lru_cache(maxsize=None)
