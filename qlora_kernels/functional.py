@@ -59,11 +59,17 @@ def _check_arguments(x, w4, lora_A, lora_B, scale, bias, dropout) -> None:
         raise ValueError(f"x, w4, lora_A, lora_B and bias must be on one device, got {sorted(map(str, devices))}")
 
 
-def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias) -> torch.dtype:
-    """The dtype the op runs in: the autocast dtype under autocast (as ``torch.nn.functional.linear``), else x's,
-    which the LoRA matrices and the bias must share."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The one compute-dtype rule: the autocast dtype under autocast for x's device (as ``F.linear``), else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _compute_dtype(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias) -> torch.dtype:
+    """:func:`compute_dtype`, outside autocast also checking that the LoRA matrices and the bias share x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return compute_dtype(x)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(
@@ -106,12 +112,7 @@ def nf4_lora_linear(
         seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
     y, _ = ops.nf4_lora_linear_fwd(
         x2d,
-        w4.packed_bytes(),
-        w4.absmax,
-        w4.nested_absmax,
-        w4.offset,
-        w4.nested_quant_map,
-        w4.blocksize,
+        *w4.op_storage(),
         lora_A.to(dtype),
         lora_B.to(dtype),
         float(scale),

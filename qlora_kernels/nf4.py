@@ -366,6 +366,12 @@ class NF4Weight:
             total += self.nested_absmax.numel() * 4 + 4
         return total
 
+    def op_storage(self) -> tuple:
+        """The storage flattened as the ``qlora_kernels::`` custom ops take it (the one place it is flattened):
+        ``(packed bytes, absmax, nested_absmax, offset, nested_code, blocksize)``, the nested entries None without
+        double quantization."""
+        return self.packed_bytes(), self.absmax, self.nested_absmax, self.offset, self.nested_quant_map, self.blocksize
+
     def packed_bytes(self) -> torch.Tensor:
         """The packed codes as a flat uint8 view [(N·K + 1) // 2] (shares storage)."""
         return self.packed.reshape(-1).view(torch.uint8)
@@ -376,16 +382,7 @@ class NF4Weight:
         dtype = self.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-        return ops.dequantize_nf4(
-            self.packed_bytes(),
-            self.absmax,
-            self.nested_absmax,
-            self.offset,
-            self.nested_quant_map,
-            self.blocksize,
-            list(self.shape),
-            dtype,
-        )
+        return ops.dequantize_nf4(*self.op_storage(), list(self.shape), dtype)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "NF4Weight":
         """A copy on ``device`` (the same object when it is already there)."""

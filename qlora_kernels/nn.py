@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .functional import nf4_lora_linear
+from .functional import compute_dtype, nf4_lora_linear
 from .nf4 import NF4Weight, check_blocksize, in_bnb_cpu_layout
 
 # Buffer name of each NF4Weight field. The names cannot be bitsandbytes' state-dict keys ("weight.absmax" holds a
@@ -283,9 +283,7 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         return nf4_lora_linear(
             x.to(dtype),

@@ -183,28 +183,32 @@ def _(grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksiz
     return grad(need_x, x.shape), grad(need_A, lora_A.shape), grad(need_B, lora_B.shape), grad(need_bias, (n,))
 
 
+# The forward's argument names in schema order: autograd reads "which inputs need a gradient" and returns gradients
+# by these names, so adding an argument to the op cannot shift a gradient onto the wrong input.
+_FWD_ARGS = tuple(a.name for a in nf4_lora_linear_fwd._opoverload._schema.arguments)
+_SAVED = ("x", "packed", "absmax", "nested_absmax", "offset", "nested_code", "lora_A", "lora_B", "seed")
+_DIFFERENTIABLE = ("x", "lora_A", "lora_B", "bias")
+
+
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed = (
-        inputs
-    )
-    ctx.save_for_backward(x, output[1], packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed)
-    ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = blocksize, scale, dropout, bias is not None
+    args = dict(zip(_FWD_ARGS, inputs))
+    ctx.save_for_backward(output[1], *(args[name] for name in _SAVED))
+    ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = args["blocksize"], args["scale"], args["dropout"], args["bias"] is not None
     ctx.mark_non_differentiable(output[1])
 
 
 def _fwd_backward(ctx, grad_y: torch.Tensor, _grad_s):
-    x, s, packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_x, need_A, need_B, need_bias = need[0], need[7], need[8], ctx.has_bias and need[10]
-    grad_x, grad_A, grad_B, grad_bias = nf4_lora_linear_bwd(
-        grad_y.to(x.dtype), x, s, packed, absmax, nested_absmax, offset, nested_code, ctx.blocksize, lora_A, lora_B,
-        ctx.scale, ctx.dropout, seed, need_x, need_A, need_B, need_bias,
+    s, *saved = ctx.saved_tensors
+    t = dict(zip(_SAVED, saved))
+    need = dict(zip(_FWD_ARGS, ctx.needs_input_grad))
+    need["bias"] = ctx.has_bias and need["bias"]
+    grads = nf4_lora_linear_bwd(
+        grad_y.to(t["x"].dtype), t["x"], s, t["packed"], t["absmax"], t["nested_absmax"], t["offset"],
+        t["nested_code"], ctx.blocksize, t["lora_A"], t["lora_B"], ctx.scale, ctx.dropout, t["seed"],
+        *(need[name] for name in _DIFFERENTIABLE),
     )
-    return (
-        grad_x if need_x else None, None, None, None, None, None, None,
-        grad_A if need_A else None, grad_B if need_B else None, None,
-        grad_bias if need_bias else None, None, None,
-    )
+    by_name = {name: g if need[name] else None for name, g in zip(_DIFFERENTIABLE, grads)}
+    return tuple(by_name.get(name) for name in _FWD_ARGS)
 
 
 nf4_lora_linear_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
