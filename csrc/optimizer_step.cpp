@@ -125,6 +125,14 @@ StepPlan make_plan(c10::string_view algorithm, at::TensorList params, at::Tensor
   plan.hyper.eps = static_cast<float>(eps);
   plan.hyper.lr = static_cast<float>(lr);
   plan.hyper.decay = static_cast<float>(1.0 - lr * weight_decay);
+  // The kernels compute in float32: a value that is finite in double but not in float would turn every parameter
+  // into +-inf or NaN (lr = 1e39 is finite in double).
+  TORCH_CHECK_VALUE(std::isfinite(plan.hyper.lr) && std::isfinite(plan.hyper.eps),
+                    "multi_tensor_optimizer_step: lr and eps must be within float32's range, got lr=", lr,
+                    ", eps=", eps);
+  TORCH_CHECK_VALUE(std::isfinite(plan.hyper.decay),
+                    "multi_tensor_optimizer_step: 1 - lr * weight_decay must be within float32's range, got lr=", lr,
+                    ", weight_decay=", weight_decay);
   if (n == 0) return plan;
 
   plan.device = params[0].device();
@@ -172,6 +180,11 @@ StepPlan make_plan(c10::string_view algorithm, at::TensorList params, at::Tensor
     const double step = static_cast<double>(steps[i]);
     entry.step_size = static_cast<float>(adamw ? lr / (1.0 - std::pow(beta1, step)) : lr);
     entry.bias_correction2_sqrt = static_cast<float>(adamw ? std::sqrt(1.0 - std::pow(beta2, step)) : 1.0);
+    TORCH_CHECK_VALUE(std::isfinite(entry.step_size) && entry.bias_correction2_sqrt > 0.0f,
+                      "multi_tensor_optimizer_step: at steps[", i, "] = ", steps[i], " the bias-corrected step size "
+                      "lr / (1 - beta1^step) = ", lr / (1.0 - std::pow(beta1, step)),
+                      " or sqrt(1 - beta2^step) is outside float32's range (lr=", lr, ", betas=(", beta1, ", ", beta2,
+                      "))");
     entry.param_dtype = dtype;
     entry.state_kind = quantized ? kStateBlockwise8bit : kStateFloat32;
     plan.entries.push_back(entry);

@@ -315,8 +315,13 @@ def test_load_state_dict_rejects_mismatches_and_changes_nothing():
     wrong_shape["state"][0]["exp_avg"] = wrong_shape["state"][0]["exp_avg"][:10]
     with pytest.raises(ValueError, match="exp_avg"):
         target.load_state_dict(wrong_shape)
-    with pytest.raises(ValueError, match="8-bit"):  # 8-bit state into a 32-bit optimizer
+    with pytest.raises(ValueError, match="saved by PagedAdamW8bit"):  # another optimizer's state
         PagedAdamW(other).load_state_dict(good)
+    untagged = copy.deepcopy(good)
+    for group in untagged["param_groups"]:
+        del group["qlora_kernels_optimizer"]
+    with pytest.raises(ValueError, match="8-bit"):  # 8-bit state into a 32-bit optimizer, even without the tag
+        PagedAdamW(other).load_state_dict(untagged)
     assert not target.state
     for key in good["state"]:
         for name, value in good["state"][key].items():
@@ -429,11 +434,23 @@ def test_bad_hyperparameter_set_later_raises_at_step_and_changes_nothing():
     assert torch.equal(params[0], before) and not optimizer.state
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.complex64])
-def test_non_float_or_unsupported_parameters_raise(dtype):
-    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype), requires_grad=dtype != torch.int32)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
+def test_trainable_parameters_of_unsupported_dtypes_raise(dtype):
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
     with pytest.raises(TypeError, match="params\\[0\\]"):
         PagedAdamW8bit([p])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.float64])
+def test_frozen_parameters_of_any_dtype_are_kept_and_never_stepped(dtype):
+    """As torch's and bitsandbytes' optimizers do: model.parameters() of a QLoRA model holds frozen uint8 storage."""
+    frozen = torch.nn.Parameter(torch.ones(4, dtype=dtype), requires_grad=False)
+    trainable = torch.nn.Parameter(torch.zeros(4))
+    optimizer = PagedAdamW8bit([frozen, trainable])
+    trainable.grad = torch.ones(4)
+    optimizer.step()
+    assert frozen not in optimizer.state and torch.equal(frozen, torch.ones(4, dtype=dtype))
+    assert optimizer.state[trainable]["step"] == 1
 
 
 def test_params_of_one_group_on_different_devices_raise():

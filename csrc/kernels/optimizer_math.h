@@ -115,8 +115,15 @@ QK_HOST_DEVICE float sign_propagating_nan(float x) {
   return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x == 0.0f ? 0.0f : x));
 }
 
-// Lion: returns the new parameter and updates m in place.
+// x - x is 0 for every finite x and NaN for +-inf and NaN (no fast-math here, so this is not folded away).
+QK_HOST_DEVICE bool is_finite(float x) { return x - x == 0.0f; }
+
+// Lion: returns the new parameter and updates m in place. A non-finite gradient element counts as NaN: sign()
+// would turn +-inf into a finite +-lr step and leave m = +-inf steering that element for ever (an overflow that
+// looks like healthy training), and on 8-bit state an infinite absmax would decode the block's zero codes to NaN
+// and flip the infinite element's sign. As NaN it makes the parameter NaN at once, as AdamW does.
 QK_HOST_DEVICE float lion_step(float p, float& m, float g, float lr, const GroupHyperParams& h) {
+  if (!is_finite(g)) g = g - g;  // NaN for +-inf (and NaN stays NaN), without a NaN constant on the device
   const float direction = sign_propagating_nan(h.beta1 * m + h.one_minus_beta1 * g);
   p = p * h.decay;
   p = p - lr * direction;
