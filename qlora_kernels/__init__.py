@@ -16,6 +16,7 @@ from .nf4 import NF4Weight
 from .nn import QLoRALinear
 from .integrations.peft import patch_peft_model, unpatch_peft_model
 from . import distributed  # noqa: F401,E402  (qk.distributed.fully_shard_qlora, ddp_qlora: FSDP2 / DDP)
+from .plan import plan  # noqa: E402  (qk.plan(...): the memory planner; python -m qlora_kernels.plan)
 
 __all__ = [
     "NF4Weight",
@@ -24,5 +25,6 @@ __all__ = [
     "patch_peft_model",
     "unpatch_peft_model",
     "extension_available",
+    "plan",
     "__version__",
 ]
