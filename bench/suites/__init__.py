@@ -1,4 +1,4 @@
-"""Benchmark suites. Each module has ``cases(device, quick) -> list[Case]``; SUITES lists them in run order."""
+"""Benchmark suites. Each module has ``cases(device, plan) -> list[Case]`` (plan: a name in bench/plans.py); SUITES lists them in run order."""
 
 from . import linear, optim, quant, train
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,15 +29,46 @@ def _example():
     return module
 
 
-def _settings(device: torch.device, quick: bool) -> argparse.Namespace:
-    if quick or device.type == "cpu":
-        return argparse.Namespace(hidden=128, layers=2, heads=2, seq_len=64, batch_size=2, rank=16, alpha=32,
-                                  dropout=0.0, seed=0)
-    return argparse.Namespace(hidden=2048, layers=8, heads=16, seq_len=2048, batch_size=1, rank=16, alpha=32,
-                              dropout=0.0, seed=0)
+def _settings(device: torch.device, plan: str) -> argparse.Namespace:
+    """The model and batch of a plan: the example's own defaults on a CPU (what `python examples/finetune_tiny_llama.py`
+    trains), its --smoke sizes for the quick plan, an 8-layer 2048-wide model at sequence 2048 on a GPU."""
+    example = _example()
+    if plan == "quick":
+        args = example.parse_args(["--smoke"])
+    elif device.type == "cpu":
+        args = example.parse_args([])
+    else:
+        args = example.parse_args(["--hidden", "2048", "--layers", "8", "--heads", "16", "--seq-len", "2048",
+                                   "--batch-size", "1"])
+    args.dropout = 0.0
+    return args
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def planned_peak_mb(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[Optional[float], dict]:
+    """The memory planner's prediction (``qk.plan``) of this train step's peak, in MiB, and its breakdown; (None, why)
+    when the planner is missing or refuses the configuration."""
+    try:
+        import qlora_kernels as qk
+
+        plan_fn = getattr(qk, "plan", None)
+        if plan_fn is not None and not callable(plan_fn):
+            plan_fn = getattr(plan_fn, "plan", None)
+        if plan_fn is None:
+            return None, {"planner": "qk.plan not available"}
+        config = {
+            "vocab_size": _example().VOCAB, "hidden_size": args.hidden, "intermediate_size": 2 * args.hidden,
+            "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.heads,
+            "tie_word_embeddings": False, "model_type": "llama",
+        }
+        result = plan_fn(config, method="qlora", r=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                         optimizer="adamw", dtype=dtype, double_quant=True, gradient_checkpointing=False)
+        breakdown = result.to_dict() if hasattr(result, "to_dict") else {}
+        return result.total_bytes / 2**20, {"planner": breakdown}
+    except Exception as exc:  # noqa: BLE001 - the planner is optional; say why it gave nothing
+        return None, {"planner": f"unavailable: {type(exc).__name__}: {exc}"[:300]}
+
+
+def cases(device: torch.device, plan: str) -> list[Case]:
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
@@ -45,7 +77,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return []
     import qlora_kernels as qk
 
-    args = _settings(device, quick)
+    if plan == "tiny":
+        return []  # building a model takes longer than the whole tiny plan
+    args = _settings(device, plan)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state = {}
 
@@ -87,6 +121,10 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
     tokens = args.batch_size * args.seq_len
     n_linear = args.layers * 7
+    planned, notes = planned_peak_mb(args, dtype, device)
+    est = 25.0 if device.type == "cpu" else 20.0
     common = dict(M=tokens, N=args.hidden, K=args.hidden, r=args.rank, dtype=str(dtype).removeprefix("torch."),
-                  bytes=0, flops=0, case=f"llama {args.layers}x{args.hidden} seq {args.seq_len} ({n_linear} LoRA layers)")
-    return [Case("train_step", impl, make(impl), check, **common) for impl in ("bnb_peft", "qlora_kernels")]
+                  bytes=0, flops=0, case=f"llama {args.layers}x{args.hidden} seq {args.seq_len} ({n_linear} LoRA layers)",
+                  planned_mem_mb=planned, est_s=est)
+    return [Case("train_step", impl, make(impl), check, notes=dict(notes), **common)
+            for impl in ("bnb_peft", "qlora_kernels")]
