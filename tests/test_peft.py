@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -155,7 +156,7 @@ def test_patched_matches_stock_peft(checkpoint, wrapper, fused_calls):
     ids = batch()
     logits, loss, grads = run(model, ids)
     assert len(grads) == 2 * NUM_LORA and all(g.abs().sum() > 0 for g in grads.values())
-    assert qk.patch_peft_model(model) == NUM_LORA
+    assert qk.patch_peft_model(model).qlora_kernels_patched == NUM_LORA
     with torch.profiler.profile() as prof:
         p_logits, p_loss, p_grads = run(model, ids)
     assert len(fused_calls) == NUM_LORA
@@ -202,7 +203,7 @@ def test_patch_restores_bitsandbytes_cpu_layout(checkpoint, fused_calls):
         pytest.skip("bitsandbytes rewrites storage only on CPUs with AVX512-BF16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert qk.patch_peft_model(model) == NUM_LORA
+        assert qk.patch_peft_model(model).qlora_kernels_patched == NUM_LORA
     assert not any(qk.nn.bnb_cpu_repacked(m.base_layer) for m in lora_layers(model))
     with torch.no_grad():
         model(input_ids=batch())
@@ -258,15 +259,48 @@ def test_set_adapter_and_two_active_adapters(checkpoint, fused_calls):
     assert len(fused_calls) == NUM_LORA, "two active adapters must run peft's forward"
 
 
-def test_dora_runs_peft_forward(checkpoint, fused_calls):
+def test_dora_layers_are_left_to_peft_and_reported(checkpoint, fused_calls):
     model = build(checkpoint, "bnb", use_dora=True)
     ids = batch()
     logits, _, grads = run(model, ids)
-    qk.patch_peft_model(model)
+    with pytest.warns(UserWarning, match=f"left {NUM_LORA} LoRA layer.*adapter 'default' is DoRA"):
+        assert qk.patch_peft_model(model).qlora_kernels_patched == 0
     p_logits, _, p_grads = run(model, ids)
     assert not fused_calls
     assert torch.equal(p_logits, logits)
     assert all(torch.equal(p_grads[n], grads[n]) for n in grads)
+    with pytest.raises(ValueError, match="DoRA.*strict=True"):
+        qk.patch_peft_model(model, strict=True)
+
+
+def test_call_counts_say_which_path_ran_and_warn_on_unchosen_fallbacks(checkpoint, fused_calls):
+    model = build(checkpoint, "bnb")
+    qk.patch_peft_model(model)
+    ids = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller's own choices fall back without a warning
+        model(input_ids=ids)
+        with model.disable_adapter():
+            model(input_ids=ids)
+    counts = qk_peft.lora_call_counts(model)
+    assert (counts.layers, counts.fused, counts.peft) == (NUM_LORA, NUM_LORA, NUM_LORA)
+    assert counts.fused == len(fused_calls)
+    assert counts.fallbacks == {qk_peft.ADAPTERS_DISABLED: NUM_LORA}
+    # A DoRA adapter made active after patching: every layer falls back, and says so once.
+    model.add_adapter("dora", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True))
+    model.set_adapter("dora")
+    with pytest.warns(UserWarning, match="runs peft's forward, not the fused kernels: adapter 'dora' is DoRA") as seen:
+        model(input_ids=ids)
+    assert len([w for w in seen if "not the fused kernels" in str(w.message)]) == NUM_LORA  # once per layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)  # ... and only once
+    counts = qk_peft.lora_call_counts(model)
+    assert counts.fused == NUM_LORA and counts.fallbacks["adapter 'dora' is DoRA"] == 2 * NUM_LORA
+    qk_peft.reset_lora_call_counts(model)
+    assert qk_peft.lora_call_counts(model) == qk_peft.LoraCallCounts(layers=NUM_LORA)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        qk_peft.lora_call_counts(None)
 
 
 def test_merged_adapter_runs_peft_forward(checkpoint, fused_calls):
@@ -315,7 +349,7 @@ def test_adapter_saved_patched_loads_in_stock_peft_and_back(checkpoint, tmp_path
         warnings.simplefilter("ignore")
         loaded = PeftModel.from_pretrained(load_in_4bit(checkpoint), tmp_path / "theirs").train()
     fused_calls.clear()
-    assert qk.patch_peft_model(loaded) == NUM_LORA
+    assert qk.patch_peft_model(loaded).qlora_kernels_patched == NUM_LORA
     assert_close_normwise(loaded(input_ids=ids).logits.detach(), theirs, torch.float32)
     assert len(fused_calls) == NUM_LORA
 
@@ -342,17 +376,17 @@ def test_unpatch_restores_peft_forward(checkpoint, fused_calls):
     for m in lora_layers(model):
         m.base_layer.support_avx512bf16_for_cpu = True
     flags = [m.base_layer.support_avx512bf16_for_cpu for m in lora_layers(model)]
-    assert qk.patch_peft_model(model) == NUM_LORA
+    assert qk.patch_peft_model(model).qlora_kernels_patched == NUM_LORA
     assert not any(m.base_layer.support_avx512bf16_for_cpu for m in lora_layers(model))
-    assert qk.patch_peft_model(model) == NUM_LORA  # idempotent: no wrapper around the wrapper
+    assert qk.patch_peft_model(model).qlora_kernels_patched == NUM_LORA  # idempotent: no wrapper around the wrapper
     model(input_ids=ids)
     assert len(fused_calls) == NUM_LORA
-    assert qk.unpatch_peft_model(model) == NUM_LORA
+    assert qk.unpatch_peft_model(model) is model and model.qlora_kernels_patched == 0
     assert not any("forward" in m.__dict__ for m in lora_layers(model))
     assert [m.base_layer.support_avx512bf16_for_cpu for m in lora_layers(model)] == flags
     assert torch.equal(model(input_ids=ids).logits, stock)
     assert len(fused_calls) == NUM_LORA
-    assert qk.unpatch_peft_model(model) == 0
+    assert qk.unpatch_peft_model(model).qlora_kernels_patched == 0
 
 
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own_layers(checkpoint, fused_calls):
@@ -365,12 +399,30 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own_layers(checkpoint, fu
     assert len(fused_calls) == NUM_LORA
 
 
-def test_model_without_4bit_lora_layers_warns_and_returns_zero():
+def test_patch_returns_the_model_and_logs_the_count(checkpoint, caplog):
+    model = build(checkpoint, "bnb")
+    with caplog.at_level(logging.INFO, logger="qlora_kernels"):
+        returned = qk.patch_peft_model(model)
+    assert returned is model and model.qlora_kernels_patched == NUM_LORA
+    assert f"patch_peft_model: {NUM_LORA} LoRA layer(s) of PeftModel on the fused" in caplog.text
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        qk.patch_peft_model(model, strict="yes")
+
+
+def test_patching_before_peft_adds_the_adapters_warns_or_raises(checkpoint):
+    base = load_in_4bit(checkpoint)  # what a user patches before handing it to SFTTrainer(peft_config=...)
+    with pytest.warns(UserWarning, match="no peft LoRA layer over a bitsandbytes Linear4bit.*QLoRAKernelsCallback"):
+        assert qk.patch_peft_model(base).qlora_kernels_patched == 0
+    with pytest.raises(ValueError, match="no peft LoRA layer.*strict=True"):
+        qk.patch_peft_model(base, strict=True)
+
+
+def test_model_without_4bit_lora_layers_warns_and_patches_nothing():
     float_model = get_peft_model(
         LlamaForCausalLM(LlamaConfig(**LLAMA)), LoraConfig(r=4, target_modules=["q_proj"])
     )
     with pytest.warns(UserWarning, match="no peft LoRA layer over a bitsandbytes Linear4bit"):
-        assert qk.patch_peft_model(float_model) == 0
+        assert qk.patch_peft_model(float_model).qlora_kernels_patched == 0
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         qk.patch_peft_model("model")
 
@@ -381,4 +433,4 @@ def test_fp4_base_is_left_to_peft_with_a_warning(checkpoint):
         warnings.simplefilter("ignore")
         model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS))
     with pytest.warns(UserWarning, match="FP4 base: FP4 is not NF4"):
-        assert qk.patch_peft_model(model) == 0
+        assert qk.patch_peft_model(model).qlora_kernels_patched == 0

@@ -29,7 +29,7 @@ class RepeatedText(torch.utils.data.Dataset):
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_trainer_trains_the_patched_model(checkpoint, tmp_path, fused_calls, gradient_checkpointing):  # noqa: F811
     model = build(checkpoint, "bnb")
-    assert qk.patch_peft_model(model) == NUM_LORA
+    assert qk.patch_peft_model(model).qlora_kernels_patched == NUM_LORA
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     args = transformers.TrainingArguments(
