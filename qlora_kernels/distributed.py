@@ -5,36 +5,45 @@
     # or
     ddp_model = qk.distributed.ddp_qlora(model)
 
-The plan: the frozen 4-bit base stays **replicated** on every rank, whole and untouched; only the trainable tensors
-(the LoRA pairs, plus anything else that trains) and the frozen float tensors (embeddings, norms) are sharded by FSDP2
-or all-reduced by DDP.
+Two plans for the frozen 4-bit base under FSDP2, chosen by ``fully_shard_qlora(shard_base=...)``:
+
+- **sharded** (``shard_base=True``, the default): each rank keeps 1/world of every layer's packed bytes and absmax;
+  a layer's whole storage is all-gathered just before its forward and its backward and freed after each, as FSDP2
+  does for parameters (:mod:`qlora_kernels.sharding`). Per-rank memory for the base: total / world plus about one
+  layer gathered at a time. The small statistics (nested absmax, offset, codebooks) stay whole on every rank.
+- **replicated** (``shard_base=False``): the base stays whole and untouched on every rank; no collective for it.
+
+In both, only the trainable tensors (the LoRA pairs, plus anything else that trains) and the frozen float tensors
+(embeddings, norms) are FSDP2 parameters, sharded by it; DDP all-reduces the trainable ones.
 
 - ``QLoRALinear`` keeps its NF4 storage in buffers. FSDP2 shards and casts parameters only (buffers are at most moved
   to the mesh's device), so the packed bytes and their statistics reach the kernels exactly as quantized, under any
-  ``MixedPrecisionPolicy``.
+  ``MixedPrecisionPolicy``; the sharded plan gathers them as raw bytes, so it never casts them either.
 - bitsandbytes keeps a ``Linear4bit``'s storage in a ``Params4bit``: an ``nn.Parameter`` whose quantization state
-  (absmax, codebook, shape) lives beside the tensor in a Python attribute. Sharding it would split the packed bytes into
-  a DTensor and drop that state; ``param_dtype=bf16`` would value-cast bytes stored as bf16 (the known
+  (absmax, codebook, shape) lives beside the tensor in a Python attribute. FSDP2 sharding it would split the packed
+  bytes into a DTensor and drop that state; ``param_dtype=bf16`` would value-cast bytes stored as bf16 (the known
   bitsandbytes + FSDP breakage). :func:`fully_shard_qlora` hands these parameters to ``fully_shard`` as
-  ``ignored_params``: FSDP2 neither shards, casts, moves nor reduces them.
+  ``ignored_params`` (FSDP2 neither shards, casts, moves nor reduces them) and, in the sharded plan, shards their
+  storage itself.
 - DDP all-reduces the gradients of parameters that require grad, the LoRA tensors; by default it would also broadcast
   every buffer before each forward, which for ``QLoRALinear`` is the whole 4-bit base, every step. Every rank loads the
-  same base, so :func:`ddp_qlora` turns that per-forward broadcast off.
+  same base, so :func:`ddp_qlora` turns that per-forward broadcast off. DDP keeps the base replicated.
 
 Every rank must build the same model with the same base (same checkpoint, same quantization, same seed for the LoRA
 initialisation): FSDP2 shards what each rank holds, it does not broadcast it.
 
 Checkpoints: torch's own API, ``get_model_state_dict`` / ``set_model_state_dict`` / ``get_state_dict`` with
 ``StateDictOptions`` and ``torch.distributed.checkpoint`` (``dcp.save`` / ``dcp.load``): sharded or full
-(``full_state_dict=True, cpu_offload=True``), under the usual key names (bitsandbytes' for the NF4 bases). The base is
-written once (it is replicated), and a whole-model checkpoint loads into a model built from the same base. For the
-adapter alone, ``StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)``.
-bitsandbytes' ``Linear4bit`` does not read back the quant-state keys it writes (``load_state_dict`` of its own state
-dict reports them as unexpected, with or without distribution), so load peft + bitsandbytes models with
-``StateDictOptions(strict=False)``; their quantization state stays the one loaded from the base checkpoint.
+(``full_state_dict=True, cpu_offload=True``), under the usual key names (bitsandbytes' for the NF4 bases). With the
+sharded base, its packed bytes and absmax appear in the state dict as ``DTensor`` pieces: DCP writes and reads each
+rank's piece, and a full state dict gathers them into the whole tensors bitsandbytes loads
+(``Params4bit.from_prequantized``). The replicated base is written once. For the adapter alone,
+``StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)``. bitsandbytes' ``Linear4bit``
+does not read back the quant-state keys it writes (``load_state_dict`` of its own state dict reports them as
+unexpected, with or without distribution), so load peft + bitsandbytes models with ``StateDictOptions(strict=False)``.
 
-Memory: every GPU holds the whole 4-bit base (an 8B Llama: about 5.5 GB), while LoRA weights, their gradients and
-optimizer state are sharded. Sharding the 4-bit storage itself is future work.
+While sharded, a layer's base tensors read as empty outside its forward and backward; ``with
+qk.distributed.unsharded_bases(model):`` gathers them all (on every rank) for code that reads them.
 """
 
 from __future__ import annotations
@@ -46,8 +55,12 @@ import torch
 from torch import nn
 
 from .nn import QLoRALinear
+from .sharding import ShardedBases, shard_qlora_bases, sharded_bases, unsharded
 
-__all__ = ["fully_shard_qlora", "ddp_qlora", "frozen_quantized_params", "qlora_layers", "default_shard_units"]
+__all__ = ["fully_shard_qlora", "ddp_qlora", "frozen_quantized_params", "qlora_layers", "default_shard_units",
+           "sharded_bases", "unsharded_bases", "ShardedBases"]
+
+unsharded_bases = unsharded
 
 
 # --------------------------------------------------------------------------------------------- what is what
@@ -182,13 +195,16 @@ def fully_shard_qlora(
     mp_policy: Optional[Any] = None,
     reshard_after_forward: bool = True,
     units: Optional[Iterable[nn.Module]] = None,
+    shard_base: bool = True,
 ) -> nn.Module:
     """Apply FSDP2's ``fully_shard`` to a QLoRA model, layer by layer then the root, in place; returns ``model``.
 
     ``model`` holds ``QLoRALinear`` layers or is a peft LoRA model over bitsandbytes 4-bit layers (patched by
-    :func:`qlora_kernels.patch_peft_model` or not). Its 4-bit base stays whole on every rank (see the module's
-    docstring); LoRA weights and the other parameters are sharded with their layer, so gradients are reduce-scattered
-    and the optimizer state is sharded. Every rank must hold the same model, with the same base, on its device.
+    :func:`qlora_kernels.patch_peft_model` or not). LoRA weights and the other parameters are sharded with their layer,
+    so gradients are reduce-scattered and the optimizer state is sharded. The 4-bit base is sharded too
+    (``shard_base=True``: 1/world of its bytes per rank, each layer gathered around its forward and backward) or kept
+    whole on every rank (``shard_base=False``); see the module's docstring. Every rank must hold the same model, with
+    the same base, on its device.
 
     Args:
         mesh: a 1-D ``DeviceMesh`` (default: all ranks of the default process group, on the device type of the
@@ -199,6 +215,8 @@ def fully_shard_qlora(
             backward).
         units: the modules to shard one by one before the root (default: :func:`default_shard_units`, e.g. the decoder
             layers).
+        shard_base: shard the 4-bit storage across the mesh's ranks (default) or keep it replicated. Sharded, its
+            per-rank byte counts are in :func:`sharded_bases` (``shard_nbytes``, ``peak_resident_nbytes``).
 
     After it, build the optimizer over ``model.parameters()`` (the sharded ones are DTensors) and save or load with
     ``torch.distributed.checkpoint`` (``get_model_state_dict``/``set_model_state_dict``, ``dcp.save``/``dcp.load``).
@@ -210,6 +228,8 @@ def fully_shard_qlora(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward must be a bool, got {type(reshard_after_forward).__name__}")
+    if not isinstance(shard_base, bool):
+        raise TypeError(f"shard_base must be a bool, got {type(shard_base).__name__}")
     if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
         raise TypeError(
             f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(mp_policy).__name__}"
@@ -247,6 +267,10 @@ def fully_shard_qlora(
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    if shard_base:
+        if mesh.ndim != 1:
+            raise ValueError(f"shard_base=True needs a 1-D mesh, got a {mesh.ndim}-D one")
+        shard_qlora_bases(model, qlora_layers(model), mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -2,7 +2,8 @@
 
 The spawned ranks import this module by name (spawn pickles functions by reference), so it holds everything they run.
 Each training run takes an ``engine``: "single" (one process, the whole batch), "ddp", "fsdp" (float32) or
-"fsdp_bf16" (FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16)``); the distributed ones give each rank its slice of
+"fsdp_bf16" (FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16)``), both FSDP2 ones with the 4-bit base replicated
+(``shard_base=False``; tests/sharded_workers.py runs the sharded base); the distributed ones give each rank its slice of
 the same batch, so with equal slices their averaged gradients are the single run's.
 """
 
@@ -166,7 +167,10 @@ def make_llama(checkpoint: Path, quant_storage: torch.dtype = torch.uint8, lora_
         for name, p in model.named_parameters():
             if "lora_B" in name:  # B = 0 at init would hide lora_A's gradient in the first step
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    assert qk.patch_peft_model(model) == NUM_LORA_LAYERS
+    patched = qk.patch_peft_model(model)
+    # The count of layers switched: the return value, or (once patch_peft_model returns the model) its attribute.
+    count = patched if isinstance(patched, int) else getattr(model, "qlora_kernels_patched", None)
+    assert count == NUM_LORA_LAYERS, f"patch_peft_model switched {count} layers, expected {NUM_LORA_LAYERS}"
     return model.train()
 
 
@@ -291,11 +295,13 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
         return model
     if engine == "ddp":
         return qkd.ddp_qlora(model)
+    # These engines keep the 4-bit base replicated (shard_base=False); tests/test_sharded_base.py covers the default,
+    # sharded base.
     if engine == "fsdp":
-        return qkd.fully_shard_qlora(model)
+        return qkd.fully_shard_qlora(model, shard_base=False)
     if engine == "fsdp_bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return qkd.fully_shard_qlora(model, mp_policy=policy)
+        return qkd.fully_shard_qlora(model, mp_policy=policy, shard_base=False)
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
@@ -463,7 +469,7 @@ def run_plain_fully_shard(checkpoint: Path) -> dict[str, str]:
                 fully_shard(layer)
             fully_shard(model)
         else:
-            qkd.fully_shard_qlora(model)
+            qkd.fully_shard_qlora(model, shard_base=False)
         weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
         found[label] = f"{type(weight).__name__}, quant_state {'kept' if hasattr(weight, 'quant_state') else 'lost'}"
     return found
@@ -526,8 +532,8 @@ def rank_main(rank: int, world_size: int, workdir: str, checkpoint: str) -> None
     cases["ddp buffer sync"] = lambda: run_ddp_buffer_sync(rank)
     cases["plain fully_shard"] = lambda: run_plain_fully_shard(checkpoint)
     cases["errors"] = run_wrapped_twice
-    cases["stack layout"] = lambda: shard_layout(qkd.fully_shard_qlora(make_stack()))
-    cases["llama layout"] = lambda: shard_layout(qkd.fully_shard_qlora(make_llama(checkpoint)))
+    cases["stack layout"] = lambda: shard_layout(qkd.fully_shard_qlora(make_stack(), shard_base=False))
+    cases["llama layout"] = lambda: shard_layout(qkd.fully_shard_qlora(make_llama(checkpoint), shard_base=False))
     results = {name: outcome(run) for name, run in cases.items()}
     torch.save(results, workdir / f"rank{rank}.pt")
 

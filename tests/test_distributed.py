@@ -1,4 +1,5 @@
-"""DDP and FSDP2 (fully_shard) training of QLoRA models on 2 CPU processes over gloo.
+"""DDP and FSDP2 (fully_shard) training of QLoRA models on 2 CPU processes over gloo, the 4-bit base replicated
+(``fully_shard_qlora(shard_base=False)``; the sharded base, the default, is tests/test_sharded_base.py's).
 
 One spawned process group runs every distributed case (tests/distributed_workers.py: rank_main; starting processes
 is the slow part) and saves what each rank saw; the tests below compare that with single-process runs on the same
