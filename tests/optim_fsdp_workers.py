@@ -94,7 +94,53 @@ def run_qlora_stack(rank: int = 0, world_size: int = 1) -> dict:
     return {"params": {n: v for n, v in full_values(model).items() if "lora" in n}}
 
 
+def mixed_up_checkpoints(rank: int, world_size: int, workdir: str) -> dict:
+    """The per-rank state is refused on another rank: directly (rank r loads rank 1-r's file), and through
+    torch.distributed.checkpoint, which keeps one copy of non-DTensor tensors for all ranks. Returns, per way,
+    the error message (None where the load was accepted) and whether the rank's moments stayed its own."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_mlp()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    x, y = batch()
+    rows = x.shape[0] // world_size
+    x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+
+    def new_optimizer():
+        return qk.optim.PagedAdamW8bit(model.parameters(), min_8bit_size=1000, lr=1e-2)
+
+    optimizer = new_optimizer()
+    train(model, optimizer, x, y, 1)
+    own = {k: v.clone() for k, v in optimizer.state[model[0].weight].items() if torch.is_tensor(v)}
+    torch.save(optimizer.state_dict(), f"{workdir}/optim{rank}.pt")
+    dist.barrier()
+    result = {}
+    try:
+        new_optimizer().load_state_dict(torch.load(f"{workdir}/optim{1 - rank}.pt", weights_only=False))
+        result["swapped"] = None
+    except ValueError as error:
+        result["swapped"] = str(error)
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=f"{workdir}/dcp")
+    fresh = new_optimizer()
+    template = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(template, checkpoint_id=f"{workdir}/dcp")
+    try:
+        set_optimizer_state_dict(model, fresh, template["optim"])
+        result["dcp"] = None
+        loaded = fresh.state[model[0].weight]
+        result["dcp_kept_own_moments"] = all(torch.equal(loaded[k], v) for k, v in own.items())
+    except ValueError as error:
+        result["dcp"] = str(error)
+    return result
+
+
 def rank_main(rank: int, world_size: int, workdir: str) -> None:
     results = {name: run_mlp(name, rank, world_size) for name in OPTIMIZERS}
     results["qlora_stack"] = run_qlora_stack(rank, world_size)
+    results["mixed_up"] = mixed_up_checkpoints(rank, world_size, workdir)
     torch.save(results, f"{workdir}/rank{rank}.pt")

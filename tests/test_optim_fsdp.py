@@ -2,8 +2,9 @@
 
 Before, a step over ``fully_shard``'s parameters failed ("mixed torch.Tensor and DTensor"). Now each rank steps its
 local shard: the sharded runs reach the single process's parameters (torch's fully_shard on an MLP whose shards are
-whole 8-bit blocks; the package's fully_shard_qlora on QLoRA layers), every rank's state is its shard's, and a
-per-rank state_dict() resumes exactly.
+whole 8-bit blocks; the package's fully_shard_qlora on QLoRA layers), every rank's state is its shard's, a
+per-rank state_dict() resumes exactly, and another rank's state (directly, or mixed up by torch.distributed.checkpoint)
+is refused.
 """
 
 from __future__ import annotations
@@ -59,3 +60,13 @@ def test_fully_shard_qlora_with_the_readme_call(ranks):
     for rank in ranks:
         for key, expected in single["params"].items():
             torch.testing.assert_close(rank["qlora_stack"]["params"][key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_another_ranks_state_is_refused_directly_and_through_distributed_checkpoint(ranks):
+    """The state is per rank (an 8-bit state's absmax blocks follow the local shard). torch.distributed.checkpoint
+    keeps one copy of plain tensors for all ranks, so without the shard marker a rank would load another rank's
+    moments (seen: rank 0 got rank 1's '0.weight' state, rank 1 rank 0's '0.bias'); now every mix-up is refused."""
+    for rank in ranks:
+        mixed_up = rank["mixed_up"]
+        assert mixed_up["swapped"] is not None and "per rank" in mixed_up["swapped"]
+        assert mixed_up["dcp"] is not None and "per rank" in mixed_up["dcp"], mixed_up

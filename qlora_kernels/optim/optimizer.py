@@ -58,6 +58,15 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
+SHARD_KEY = "shard"  # in the saved state of a DTensor parameter: which shard the moments are (see state_dict)
+
+
+def _shard_marker(p: torch.Tensor) -> torch.Tensor:
+    """int64 [mesh coordinate..., local numel] of a DTensor parameter's local shard."""
+    coordinate = p.device_mesh.get_coordinate() or []
+    return torch.tensor([*coordinate, _local(p).numel()], dtype=torch.int64)
+
+
 def check_unsupported(owner: str, **options: tuple[Any, Any, str]) -> None:
     """Refuse options (bitsandbytes' or torch's keyword arguments) that would change the algorithm in ways these
     optimizers do not implement: each value is (given, the only accepted value, what to do instead)."""
@@ -422,11 +431,22 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, with each param group tagged with this optimizer's class (``qlora_kernels_optimizer``)
-        so that :meth:`load_state_dict` of another optimizer refuses it. Under FSDP2 the moments are the local
-        shard's, one state dict per rank: save and load it per rank with the same world size and sharding."""
+        so that :meth:`load_state_dict` of another optimizer refuses it.
+
+        Under FSDP2 the moments are the local shard's (an 8-bit state's absmax blocks follow the local shard, so they
+        cannot form one global DTensor): one state dict per rank, saved and loaded per rank (``torch.save``) with the
+        same world size and sharding. Each DTensor parameter's state carries ``shard`` (its mesh coordinate and local
+        size), and loading refuses another rank's shard, so a checkpointer that mixes ranks up (for instance
+        ``torch.distributed.checkpoint``, which keeps one copy of plain tensors) fails loudly instead of loading
+        another rank's moments."""
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group[CLASS_KEY] = type(self).__name__
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for index, p in enumerate(params):
+            if _is_dtensor(p) and index in state_dict["state"]:
+                # torch's state_dict shares the per-parameter dicts with self.state: add to a copy
+                state_dict["state"][index] = {**state_dict["state"][index], SHARD_KEY: _shard_marker(p)}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -498,13 +518,22 @@ class PagedOptimizer(torch.optim.Optimizer):
         where = f"the saved state of parameter {param_id!r}"
         if not isinstance(saved, dict):
             raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-        kept = {"step", *self.moment_names, *(name + "_absmax" for name in self.moment_names)}
+        kept = {"step", SHARD_KEY, *self.moment_names, *(name + "_absmax" for name in self.moment_names)}
         foreign = sorted(str(key) for key in saved if key not in kept)
         if foreign:
             raise ValueError(
                 f"{where} has {foreign}, which {type(self).__name__} does not keep: it was saved by another "
                 f"optimizer (this one keeps {sorted(kept)})"
             )
+        if SHARD_KEY in saved:
+            marker = saved[SHARD_KEY]
+            expected = _shard_marker(p) if _is_dtensor(p) else None
+            if not isinstance(marker, torch.Tensor) or expected is None or not torch.equal(marker.cpu(), expected):
+                raise ValueError(
+                    f"{where} is the state of the shard {marker!r:.60} (mesh coordinate, local numel), but this rank "
+                    f"holds {expected!r}: the state of FSDP2-sharded parameters is per rank; save and load "
+                    "optimizer.state_dict() on each rank (torch.save), with the same world size and sharding"
+                )
         state: dict[str, Any] = {"step": self._load_step(saved, where)}
         want_8bit = self._is_8bit(p)  # by the whole parameter's size, as _init_state decides
         p = _local(p)
