@@ -68,6 +68,7 @@ def print_dry_run(cases: list, plan: plans.Plan, device: torch.device, modelled:
           f"estimated {sum(c.est_s for c in cases):.0f} s of case time (an estimate, not a measurement)")
     for case in cases:
         extra = f"  modelled H200 {case.modelled_us:.1f} µs" if modelled and case.modelled_us else ""
+        extra += f"  planned peak {case.planned_mem_mb:.0f} MiB" if case.planned_mem_mb else ""
         print(f"  ~{case.est_s:5.1f} s  {case.name}{extra}")
     if plan.autotune_limit is not None:
         print(f"autotune: the first {plan.autotune_limit} candidates of each GEMM family")

@@ -244,12 +244,14 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> dict:
+    """Versions of the stack, from the installed packages' metadata (None where a package is missing)."""
+    from importlib import metadata
+
     out = {"torch": torch.__version__, "python": platform.python_version()}
     for name in ("triton", "bitsandbytes", "peft", "transformers", "qlora_kernels"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
-        except Exception:  # noqa: BLE001 - a missing or broken package is recorded, not fatal
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
@@ -315,7 +317,9 @@ def run_case(case: Case, device: torch.device, results: Results, budget_s: float
             stage = "timing"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                base_mem = torch.cuda.memory_allocated(device)
+                # The peak above what the case found allocated, or above a baseline the case chose (train_step:
+                # before its model existed, so the peak is the whole step's, as the memory planner predicts it).
+                base_mem = case.notes.get("peak_baseline_bytes", torch.cuda.memory_allocated(device))
             ms = time_callable(fn, device, min_runs=min_runs, budget_s=budget_s, cuda_graph=case.cuda_graph,
                                times=times)
     except CaseTimeout as exc:

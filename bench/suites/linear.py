@@ -12,6 +12,7 @@ weights are drawn on the GPU and quantized there), and freed when the run moves 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Callable
 
 import torch
@@ -308,12 +309,15 @@ def _plan_points(device: torch.device, plan: str) -> list[tuple[tuple[int, int],
 
 def impls_for(device: torch.device) -> list[str]:
     dense = "dense_bf16" if device.type == "cuda" else "dense_float32"
-    try:
-        import bitsandbytes  # noqa: F401
-        import peft  # noqa: F401
-    except Exception:  # noqa: BLE001
+    if not installed("bitsandbytes", "peft"):
         return ["qlora_kernels", dense]
     return ["qlora_kernels", "bnb_peft", "unsloth_style", dense]
+
+
+def installed(*names: str) -> bool:
+    """Whether every package is installed (found, not imported: listing cases stays fast; a broken install
+    surfaces as the failure of the cases that use it)."""
+    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def cases(device: torch.device, plan: str) -> list[Case]:

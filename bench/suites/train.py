@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from bench.harness import Case
+from bench.suites.linear import installed
 
 _EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_tiny_llama.py"
 REL_TOL = 2e-2
@@ -44,36 +45,33 @@ def _settings(device: torch.device, plan: str) -> argparse.Namespace:
     return args
 
 
-def planned_peak_mb(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[Optional[float], dict]:
-    """The memory planner's prediction (``qk.plan``) of this train step's peak, in MiB, and its breakdown; (None, why)
-    when the planner is missing or refuses the configuration."""
+def planned_peak_mb(args: argparse.Namespace, dtype: torch.dtype, impl: str) -> tuple[Optional[float], dict]:
+    """The memory planner's prediction (``qk.plan``) of this train step's peak in MiB (base weights, LoRA weights,
+    gradients, AdamW state, activations: the whole step) and its breakdown; (None, why) when the planner is missing
+    or refuses the configuration."""
     try:
         import qlora_kernels as qk
 
         plan_fn = getattr(qk, "plan", None)
-        if plan_fn is not None and not callable(plan_fn):
-            plan_fn = getattr(plan_fn, "plan", None)
-        if plan_fn is None:
-            return None, {"planner": "qk.plan not available"}
+        if not callable(plan_fn):
+            return None, {"planner": "qk.plan is not available"}
         config = {
             "vocab_size": _example().VOCAB, "hidden_size": args.hidden, "intermediate_size": 2 * args.hidden,
             "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.heads,
-            "tie_word_embeddings": False, "model_type": "llama",
+            "tie_word_embeddings": False,
         }
-        result = plan_fn(config, method="qlora", r=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                         optimizer="adamw", dtype=dtype, double_quant=True, gradient_checkpointing=False)
-        breakdown = result.to_dict() if hasattr(result, "to_dict") else {}
-        return result.total_bytes / 2**20, {"planner": breakdown}
+        result = plan_fn(config, method="qlora", r=args.rank, targets="all-linear", batch=args.batch_size,
+                         seq=args.seq_len, checkpointing=False, optimizer="adamw",
+                         dtype=str(dtype).removeprefix("torch."), lora_dtype="float32",
+                         lora_impl="qlora_kernels" if impl == "qlora_kernels" else "peft")
+        breakdown = result.to_dict().get("breakdown", {}) if hasattr(result, "to_dict") else {}
+        return result.total_bytes / 2**20, {"planner_breakdown_bytes": breakdown}
     except Exception as exc:  # noqa: BLE001 - the planner is optional; say why it gave nothing
         return None, {"planner": f"unavailable: {type(exc).__name__}: {exc}"[:300]}
 
 
 def cases(device: torch.device, plan: str) -> list[Case]:
-    try:
-        import bitsandbytes  # noqa: F401
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except Exception:  # noqa: BLE001 - the comparison needs the whole stock stack
+    if not installed("bitsandbytes", "peft", "transformers"):  # the comparison needs the whole stock stack
         return []
     import qlora_kernels as qk
 
@@ -85,6 +83,9 @@ def cases(device: torch.device, plan: str) -> list[Case]:
 
     def model():
         if "model" not in state:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                state["allocated_before_model"] = torch.cuda.memory_allocated(device)
             example = _example()
             state["model"] = example.build_qlora_model(args, device, dtype)
             params = [p for p in state["model"].parameters() if p.requires_grad]
@@ -93,9 +94,11 @@ def cases(device: torch.device, plan: str) -> list[Case]:
             state["ids"] = torch.randint(0, example.VOCAB, (args.batch_size, args.seq_len), generator=gen).to(device)
         return state["model"]
 
-    def make(impl):
+    def make(impl, notes):
         def build():
             m = model()
+            if "allocated_before_model" in state:  # the harness measures the peak from here (the planner's total)
+                notes["peak_baseline_bytes"] = state["allocated_before_model"]
             if impl == "qlora_kernels":
                 qk.patch_peft_model(m)
             else:
@@ -121,10 +124,13 @@ def cases(device: torch.device, plan: str) -> list[Case]:
 
     tokens = args.batch_size * args.seq_len
     n_linear = args.layers * 7
-    planned, notes = planned_peak_mb(args, dtype, device)
     est = 25.0 if device.type == "cpu" else 20.0
     common = dict(M=tokens, N=args.hidden, K=args.hidden, r=args.rank, dtype=str(dtype).removeprefix("torch."),
                   bytes=0, flops=0, case=f"llama {args.layers}x{args.hidden} seq {args.seq_len} ({n_linear} LoRA layers)",
-                  planned_mem_mb=planned, est_s=est)
-    return [Case("train_step", impl, make(impl), check, notes=dict(notes), **common)
-            for impl in ("bnb_peft", "qlora_kernels")]
+                  est_s=est)
+    out = []
+    for impl in ("bnb_peft", "qlora_kernels"):
+        planned, notes = planned_peak_mb(args, dtype, impl)
+        notes["peak"] = "whole step: allocated at the step's peak minus what was allocated before the model was built"
+        out.append(Case("train_step", impl, make(impl, notes), check, planned_mem_mb=planned, notes=notes, **common))
+    return out
