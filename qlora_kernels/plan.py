@@ -520,18 +520,34 @@ def plan(
     if method == "full" and shards > 1:  # FSDP all-gathers one layer's weights and prefetches the next
         gathered = 2 * sum(n * k for n, k in shape.linears().values()) * s.b
 
-    # Three candidate peaks, all with the weights, the optimizer state and the logits the caller holds:
+    # Gradients by where backward produces them: the head's (lm_head, final norm) first, the embedding's last.
+    if method == "full":
+        embedding_grads = shape.vocab * shape.hidden * s.b
+        head_grads = (0 if shape.tie_embeddings else embedding_grads) + shape.hidden * s.b
+        layer_grads = (sum(n * k for n, k in shape.linears().values()) + 2 * shape.hidden) * s.b
+    else:
+        embedding_grads = head_grads = 0
+        layer_grads = sum(s.r * (n + k) for name, (n, k) in shape.linears().items() if name in s.targets) * s.lora_b
+    embedding_grads, head_grads, layer_grads = (math.ceil(g / shards) for g in (embedding_grads, head_grads,
+                                                                                 layer_grads))
+    first_layer_saved = (s.tokens * shape.hidden * s.b + recomputed) if checkpointing else _layer_activations(s, True)
+
+    # Four candidate peaks, all with the weights, the optimizer state and the logits the caller holds:
     # - backward start: every saved activation plus the loss's gradients over the vocabulary;
-    # - last layer's backward: the head's saved tensors are freed, that layer's own gradients are alive (and, with
-    #   checkpointing, its recomputed activations);
+    # - last layer's backward: the head's saved tensors are freed, its gradients made; that layer's backward
+    #   temporaries (and, with checkpointing, its recomputed activations) are alive;
+    # - first layer's backward: only its activations are left, every gradient but its own and the embedding's is made;
     # - optimizer step: activations are gone, every gradient is alive, plus the step's temporaries.
     static = {"base weights": weights, "quantization constants": constants, "LoRA weights": lora_weights,
               "optimizer state": state, "logits": logits}
     candidates = {
         "backward start": {"activations": layers_saved + head_saved, "gradients": 0,
                            "backward temporaries": _loss_backward_transient(s), "sharding buffers": gathered},
-        "last layer backward": {"activations": layers_saved + recomputed, "gradients": 0,
+        "last layer backward": {"activations": layers_saved + recomputed, "gradients": head_grads,
                                 "backward temporaries": _layer_backward_transient(s), "sharding buffers": gathered},
+        "first layer backward": {"activations": first_layer_saved,
+                                 "gradients": gradients - layer_grads - embedding_grads,
+                                 "backward temporaries": _layer_backward_transient(s), "sharding buffers": gathered},
         "optimizer step": {"activations": 0, "gradients": gradients,
                            "optimizer step temporaries": _optimizer_step_transient(optimizer, shard)},
     }
