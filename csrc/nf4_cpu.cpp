@@ -1,0 +1,628 @@
+// Fast CPU kernels for NF4 (issue 14): quantize, dequantize, a fused decode-GEMV for small M, dequantization of
+// row tiles that feed the BLAS GEMM for large M, and the dropout hash mask. Registered as torch.ops.qk_cpu.*;
+// qlora_kernels/cpu_kernels.py composes them into the reference's four entry points.
+//
+// Semantics are those of qlora_kernels/reference.py (the executable spec): every value that decides a stored byte
+// or a dequantized element is computed in float32 in the same order (one multiply, one cast), so quantize and
+// dequantize are bit-identical to the reference. The GEMV accumulates in float32 in its own order.
+//
+// The extension is compiled for generic x86-64 (setup.py); the hot loops are compiled a second time for AVX2 + FMA
+// + F16C through function target attributes and chosen at run time, with a portable scalar path everywhere else.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define QK_CPU_X86 1
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QK_CPU_X86 0
+#endif
+
+namespace qk_cpu {
+namespace {
+
+// The format's 16 levels (DESIGN.md), as float32.
+alignas(32) constexpr float kNf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f,
+    1.0f};
+constexpr int kZeroCode = 7;
+constexpr float kTiny = 1e-38f;  // the reference's clamp of absmax before 1/absmax
+
+bool cpu_has_avx2() {
+#if QK_CPU_X86
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The tests turn the AVX2 paths off to run the portable ones (set_simd); nothing else changes it.
+std::atomic<bool> g_simd_enabled{true};
+
+bool has_avx2() { return cpu_has_avx2() && g_simd_enabled.load(std::memory_order_relaxed); }
+
+int log2_exact(int64_t v, const char* what) {
+  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, what, " must be a power of two, got ", v);
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
+// Nearest level of a sorted code, decided by float32 midpoints, a tie going to the lower level: the number of
+// midpoints strictly below v, as torch.bucketize(right=False) counts them. Written as !(v <= mid) so that NaN
+// lands on the top level, as bucketize puts it.
+template <int L>
+inline int nearest_level(float v, const float* mid) {
+  int c = 0;
+  for (int i = 0; i < L - 1; ++i) c += !(v <= mid[i]);
+  return c;
+}
+
+// NaN-propagating max of |x| (torch's amax propagates NaN).
+inline float absmax_step(float m, float v) {
+  float a = std::fabs(v);
+  return (a > m || std::isnan(a)) ? a : m;
+}
+
+inline float clamp_unit(float v) {  // torch.clamp(v, -1, 1): NaN stays NaN
+  v = (v < -1.0f) ? -1.0f : v;
+  return (v > 1.0f) ? 1.0f : v;
+}
+
+template <typename T>
+inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+inline T from_f32(float v) {
+  return static_cast<T>(v);  // c10::BFloat16 / c10::Half round to nearest even, as torch's .to() does
+}
+
+// ------------------------------------------------------------------------------------------------ quantize
+
+template <typename T>
+void quantize_blocks(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
+  static float mid[15];
+  static bool init = [] {
+    for (int i = 0; i < 15; ++i) mid[i] = (kNf4[i] + kNf4[i + 1]) / 2.0f;
+    return true;
+  }();
+  (void)init;
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  // A block of odd size never occurs except as the last one (blocksize is even), so a byte never spans blocks
+  // except at the very end, where the pad nibble is the zero code.
+  at::parallel_for(0, nblocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> codes(blocksize);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      const T* xb = x + start;
+      float m = 0.0f;
+      for (int64_t i = 0; i < len; ++i) m = absmax_step(m, to_f32(xb[i]));
+      absmax[b] = m;
+      const float inv = 1.0f / ((m < kTiny) ? kTiny : m);
+      for (int64_t i = 0; i < len; ++i) codes[i] = (uint8_t)nearest_level<16>(clamp_unit(to_f32(xb[i]) * inv), mid);
+      if (len & 1) codes[len] = kZeroCode;
+      uint8_t* out = packed + start / 2;
+      for (int64_t i = 0; i < (len + 1) / 2; ++i) out[i] = (uint8_t)((codes[2 * i] << 4) | codes[2 * i + 1]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight, int64_t blocksize) {
+  TORCH_CHECK(weight.device().is_cpu(), "qk_cpu.quantize_nf4: weight must be a CPU tensor");
+  log2_exact(blocksize, "blocksize");
+  TORCH_CHECK(blocksize >= 2, "blocksize must be >= 2");
+  at::Tensor w = weight.reshape(-1).contiguous();
+  const int64_t n = w.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor packed = at::empty({(n + 1) / 2}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, w.options().dtype(at::kFloat));
+  auto* p = packed.data_ptr<uint8_t>();
+  auto* a = absmax.data_ptr<float>();
+  switch (w.scalar_type()) {
+    case at::kFloat: quantize_blocks(w.data_ptr<float>(), n, blocksize, p, a); break;
+    case at::kBFloat16: quantize_blocks(w.data_ptr<c10::BFloat16>(), n, blocksize, p, a); break;
+    case at::kHalf: quantize_blocks(w.data_ptr<c10::Half>(), n, blocksize, p, a); break;
+    default: TORCH_CHECK(false, "qk_cpu.quantize_nf4: weight must be float32, bfloat16 or float16, got ",
+                         w.scalar_type());
+  }
+  return {packed, absmax};
+}
+
+// Blockwise absmax quantization of float32 values onto a sorted 256-level code (double quantization of the NF4
+// absmax): (codes uint8 [n], absmax float32 [blocks]); the reference's quantize_blockwise_8bit.
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& values, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && code.scalar_type() == at::kFloat && code.numel() == 256,
+              "qk_cpu.quantize_blockwise_8bit: float32 values and a float32[256] code");
+  at::Tensor v = values.reshape(-1).contiguous();
+  at::Tensor c = code.reshape(-1).contiguous();
+  const int64_t n = v.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor codes = at::empty({n}, v.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, v.options());
+  float mid[255];
+  const float* cp = c.data_ptr<float>();
+  for (int i = 0; i < 255; ++i) mid[i] = (cp[i] + cp[i + 1]) / 2.0f;
+  const float* vp = v.data_ptr<float>();
+  uint8_t* qp = codes.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+      float m = 0.0f;
+      for (int64_t i = 0; i < len; ++i) m = absmax_step(m, vp[start + i]);
+      ap[b] = m;
+      const float inv = 1.0f / ((m < kTiny) ? kTiny : m);
+      for (int64_t i = 0; i < len; ++i) {
+        const float s = clamp_unit(vp[start + i] * inv);
+        // lower_bound over the midpoints (count of midpoints < s); NaN goes to the top level like bucketize.
+        int idx = std::isnan(s) ? 255 : int(std::lower_bound(mid, mid + 255, s) - mid);
+        qp[start + i] = (uint8_t)idx;
+      }
+    }
+  });
+  return {codes, absmax};
+}
+
+// ---------------------------------------------------------------------------------------------- dequantize
+
+// The float32 absmax of block b: stored, or decoded from double quantization in the reference's order
+// (dyn[q] * nested_absmax[b >> 8], rounded, then + offset), so the kernels read the compressed bytes directly.
+struct Absmax {
+  const float* f = nullptr;
+  const uint8_t* q = nullptr;
+  const float* nested = nullptr;
+  const float* code = nullptr;
+  float offset = 0.0f;
+  inline float operator[](int64_t b) const {
+    if (f) return f[b];
+    const float v = code[q[b]] * nested[b >> 8];
+    return v + offset;
+  }
+};
+
+inline float deq_scalar(const uint8_t* packed, const Absmax& absmax, int shift, int64_t i) {
+  const uint8_t byte = packed[i >> 1];
+  const int c = (i & 1) ? (byte & 15) : (byte >> 4);
+  return kNf4[c] * absmax[i >> shift];
+}
+
+template <typename T>
+void dequant_range_scalar(const uint8_t* packed, const Absmax& absmax, int shift, int64_t start, int64_t len, T* out) {
+  for (int64_t j = 0; j < len; ++j) out[j] = from_f32<T>(deq_scalar(packed, absmax, shift, start + j));
+}
+
+#if QK_CPU_X86
+// 16-entry float lookup: two 8-entry permutes, bit 3 of the index chooses between them.
+QK_AVX2 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// The 16 levels of 8 packed bytes, in element order (high nibble first).
+QK_AVX2 inline void decode16(const uint8_t* bytes, __m256 lo, __m256 hi, __m256& a, __m256& b) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i m = _mm_set1_epi8(15);
+  const __m128i hn = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+  const __m128i ln = _mm_and_si128(v, m);
+  const __m128i inter = _mm_unpacklo_epi8(hn, ln);
+  a = lookup16(lo, hi, _mm256_cvtepu8_epi32(inter));
+  b = lookup16(lo, hi, _mm256_cvtepu8_epi32(_mm_srli_si128(inter, 8)));
+}
+
+QK_AVX2 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+
+QK_AVX2 inline void store8(c10::BFloat16* out, __m256 v) {
+  // Round to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion, eight at a time.
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+QK_AVX2 inline void store8(c10::Half* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename T>
+QK_AVX2 void dequant_range_avx2(const uint8_t* packed, const Absmax& absmax, int shift, int64_t start, int64_t len,
+                                T* out) {
+  int64_t i = start;
+  const int64_t end = start + len;
+  // Groups of 16 elements starting at a multiple of 16 lie in one block (blocksize >= 16) and in 8 whole bytes.
+  const int64_t head = std::min(end, (i + 15) & ~int64_t{15});
+  for (; i < head; ++i) *out++ = from_f32<T>(deq_scalar(packed, absmax, shift, i));
+  const __m256 lo = _mm256_load_ps(kNf4), hi = _mm256_load_ps(kNf4 + 8);
+  while (i + 16 <= end) {
+    const int64_t block = i >> shift;
+    const int64_t block_end = std::min(end, (block + 1) << shift);
+    const __m256 s = _mm256_set1_ps(absmax[block]);
+    for (; i + 16 <= block_end; i += 16) {
+      __m256 a, b;
+      decode16(packed + (i >> 1), lo, hi, a, b);
+      store8(out, _mm256_mul_ps(a, s));
+      store8(out + 8, _mm256_mul_ps(b, s));
+      out += 16;
+    }
+  }
+  for (; i < end; ++i) *out++ = from_f32<T>(deq_scalar(packed, absmax, shift, i));
+}
+#endif
+
+// Elements [start, start + len) of the flattened weight, as T.
+template <typename T>
+void dequant_range(const uint8_t* packed, const Absmax& absmax, int shift, int64_t start, int64_t len, T* out) {
+#if QK_CPU_X86
+  if (has_avx2() && shift >= 4) return dequant_range_avx2<T>(packed, absmax, shift, start, len, out);
+#endif
+  dequant_range_scalar<T>(packed, absmax, shift, start, len, out);
+}
+
+// The absmax operands of an op: float32 [blocks], or (uint8 codes [blocks], nested float32 [ceil(blocks / 256)],
+// the 256-level code, the offset) with double quantization. Holds the contiguous tensors the view points into.
+struct AbsmaxArgs {
+  at::Tensor f, q, nested, code;
+  Absmax view;
+  AbsmaxArgs(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+             const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& nested_code,
+             int64_t nblocks) {
+    TORCH_CHECK(absmax.device().is_cpu(), "qk_cpu: absmax must be a CPU tensor");
+    TORCH_CHECK(absmax.numel() >= nblocks, "qk_cpu: absmax has ", absmax.numel(), " entries, ", nblocks, " needed");
+    if (!nested_absmax.has_value()) {
+      f = absmax.reshape(-1).to(at::kFloat).contiguous();
+      view.f = f.data_ptr<float>();
+      return;
+    }
+    TORCH_CHECK(offset.has_value() && nested_code.has_value(), "qk_cpu: double quantization needs offset, nested_code");
+    q = absmax.reshape(-1).contiguous();
+    TORCH_CHECK(q.scalar_type() == at::kByte, "qk_cpu: a double-quantized absmax must be uint8");
+    nested = nested_absmax->reshape(-1).to(at::kFloat).contiguous();
+    code = nested_code->reshape(-1).to(at::kFloat).contiguous();
+    TORCH_CHECK(code.numel() == 256, "qk_cpu: nested_code must have 256 entries");
+    TORCH_CHECK(nested.numel() * 256 >= nblocks, "qk_cpu: nested_absmax is too short for ", nblocks, " blocks");
+    TORCH_CHECK(offset->numel() == 1, "qk_cpu: offset must have one element");
+    view.q = q.data_ptr<uint8_t>();
+    view.nested = nested.data_ptr<float>();
+    view.code = code.data_ptr<float>();
+    view.offset = offset->reshape(-1).to(at::kFloat).item<float>();
+  }
+};
+
+const uint8_t* packed_bytes(const at::Tensor& packed, int64_t numel) {
+  TORCH_CHECK(packed.device().is_cpu(), "qk_cpu: packed must be a CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "qk_cpu: packed must be contiguous uint8");
+  TORCH_CHECK(packed.numel() >= (numel + 1) / 2, "qk_cpu: packed holds ", packed.numel(), " bytes, ", numel,
+              " elements need ", (numel + 1) / 2);
+  return packed.data_ptr<uint8_t>();
+}
+
+int64_t blocks_of(int64_t numel, int64_t blocksize) { return (numel + blocksize - 1) / blocksize; }
+
+// The float32 absmax per block (the reference's decode_absmax).
+at::Tensor decode_absmax(const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                         const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& nested_code) {
+  const int64_t n = absmax.numel();
+  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, n);
+  if (am.view.f) return am.f;
+  at::Tensor out = at::empty({n}, absmax.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const Absmax v = am.view;
+  at::parallel_for(0, n, 65536, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) op[b] = v[b];
+  });
+  return out;
+}
+
+// The whole weight, flat [numel], in dtype.
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& offset,
+                          const c10::optional<at::Tensor>& nested_code, int64_t blocksize, int64_t numel,
+                          at::ScalarType dtype) {
+  const int shift = log2_exact(blocksize, "blocksize");
+  const uint8_t* p = packed_bytes(packed, numel);
+  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, blocks_of(numel, blocksize));
+  const Absmax a = am.view;
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  constexpr int64_t kChunk = 8192;  // elements per task, a multiple of 16
+  const int64_t nchunks = (numel + kChunk - 1) / kChunk;
+  auto run = [&](auto* o) {
+    at::parallel_for(0, nchunks, 8, [&](int64_t c0, int64_t c1) {
+      const int64_t s = c0 * kChunk, e = std::min(numel, c1 * kChunk);
+      dequant_range(p, a, shift, s, e - s, o + s);
+    });
+  };
+  switch (dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "qk_cpu.dequantize_nf4: dtype must be float32, bfloat16 or float16, got ", dtype);
+  }
+  return out;
+}
+
+// Rows [row0, row0 + out.size(0)) of the [N, K] weight into out (float32 [rows, K], contiguous): the tiles that
+// feed the BLAS GEMM of the large-M fused linear.
+void dequantize_rows_(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                      const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& nested_code,
+                      int64_t blocksize, int64_t K, int64_t row0, const at::Tensor& out) {
+  const int shift = log2_exact(blocksize, "blocksize");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == K,
+              "qk_cpu.dequantize_rows_: out must be contiguous float32 [rows, K]");
+  TORCH_CHECK(row0 >= 0, "qk_cpu.dequantize_rows_: row0 must be >= 0");
+  const int64_t rows = out.size(0), numel = (row0 + rows) * K;
+  const uint8_t* p = packed_bytes(packed, numel);
+  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, blocks_of(numel, blocksize));
+  const Absmax a = am.view;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    dequant_range(p, a, shift, (row0 + r0) * K, (r1 - r0) * K, o + r0 * K);
+  });
+}
+
+// ----------------------------------------------------------------------------------------- fused decode-GEMV
+//
+// y[m, n] = Σ_k x[m, k] · code[w[n, k]] · absmax[block(n, k)], for small M: each weight byte is read once per call
+// (parallel over N), decoded in registers and never stored; each block's partial sum is multiplied by its absmax.
+// Where every row is whole blocks of >= 64 (K % blocksize == 0), 32 bytes decode at once with in-lane byte shuffles:
+// the four bytes of each level's float32 come from four 16-entry pshufb tables and are interleaved back into
+// floats, in an order that differs from the elements' (high nibbles, then low; lanes interleaved); x is permuted
+// once per call into that order, so no shuffle is spent putting the weights back. Other shapes decode each row into
+// a small buffer first.
+
+inline float dot_scalar(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Position p of float vector q in decode64's output holds element 2·j + h of the 64, j = 4q' + (p < 4 ? p : 12 + p),
+// with h = q / 4 (0: high nibbles) and q' = q % 4.
+inline int64_t decode64_element(int q, int p) {
+  const int h = q / 4, qq = q % 4;
+  const int j = 4 * qq + (p < 4 ? p : 12 + p);
+  return 2 * j + h;
+}
+
+#if QK_CPU_X86
+QK_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct Nf4ByteTables {
+  __m256i t[4];  // t[i]: byte i of each level's float32 bits, in both 128-bit lanes
+};
+
+QK_AVX2 inline Nf4ByteTables nf4_byte_tables() {
+  alignas(32) uint8_t bytes[4][32];
+  for (int c = 0; c < 16; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, &kNf4[c], 4);
+    for (int i = 0; i < 4; ++i) bytes[i][c] = bytes[i][16 + c] = static_cast<uint8_t>(bits >> (8 * i));
+  }
+  Nf4ByteTables tab;
+  for (int i = 0; i < 4; ++i) tab.t[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[i]));
+  return tab;
+}
+
+// The 64 levels of 32 packed bytes, as 8 float vectors in decode64_element's order.
+QK_AVX2 inline void decode64(const uint8_t* bytes, const Nf4ByteTables& tab, __m256 f[8]) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m256i m = _mm256_set1_epi8(15);
+  const __m256i nib[2] = {_mm256_and_si256(_mm256_srli_epi16(v, 4), m), _mm256_and_si256(v, m)};
+  for (int h = 0; h < 2; ++h) {
+    const __m256i p0 = _mm256_shuffle_epi8(tab.t[0], nib[h]);
+    const __m256i p1 = _mm256_shuffle_epi8(tab.t[1], nib[h]);
+    const __m256i p2 = _mm256_shuffle_epi8(tab.t[2], nib[h]);
+    const __m256i p3 = _mm256_shuffle_epi8(tab.t[3], nib[h]);
+    const __m256i a = _mm256_unpacklo_epi8(p0, p1), b = _mm256_unpackhi_epi8(p0, p1);
+    const __m256i c = _mm256_unpacklo_epi8(p2, p3), d = _mm256_unpackhi_epi8(p2, p3);
+    f[4 * h + 0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(a, c));
+    f[4 * h + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(a, c));
+    f[4 * h + 2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(b, d));
+    f[4 * h + 3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(b, d));
+  }
+}
+
+// Rows [n0, n1) for MB rows of x (xp: [MB, K], permuted per 64 elements), K % blocksize == 0, blocksize >= 64.
+template <int MB>
+QK_AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, int shift, int64_t K, const float* xp,
+                            int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const Nf4ByteTables tab = nf4_byte_tables();
+  const int64_t bs = int64_t{1} << shift;
+  const int64_t nblk = K >> shift;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wb = packed + ((n * K) >> 1);
+    const int64_t b0 = (n * K) >> shift;
+    __m256 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      __m256 acc0[MB], acc1[MB];
+      for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+      for (int64_t g = blk * bs; g < (blk + 1) * bs; g += 64) {
+        __m256 f[8];
+        decode64(wb + (g >> 1), tab, f);
+        for (int m = 0; m < MB; ++m) {
+          const float* xm = xp + m * K + g;
+          acc0[m] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xm), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xm + 8), acc1[m]);
+          acc0[m] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xm + 16), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xm + 24), acc1[m]);
+          acc0[m] = _mm256_fmadd_ps(f[4], _mm256_loadu_ps(xm + 32), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f[5], _mm256_loadu_ps(xm + 40), acc1[m]);
+          acc0[m] = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xm + 48), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xm + 56), acc1[m]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(absmax[b0 + blk]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), s, tot[m]);
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(tot[m]);
+  }
+}
+#endif
+
+// y [M, N] float32 = x [M, K] float32 · deq(W)ᵀ.
+at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& offset,
+                    const c10::optional<at::Tensor>& nested_code, int64_t blocksize, int64_t N) {
+  const int shift = log2_exact(blocksize, "blocksize");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "qk_cpu.nf4_gemv: x must be float32 [M, K] on the CPU");
+  at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const uint8_t* p = packed_bytes(packed, N * K);
+  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, blocks_of(N * K, blocksize));
+  const Absmax a = am.view;
+  at::Tensor y = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return y;
+  float* yp = y.data_ptr<float>();
+  const float* xptr = xc.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+#if QK_CPU_X86
+  if (has_avx2() && shift >= 6 && K % blocksize == 0) {
+    at::Tensor xp = at::empty_like(xc);
+    float* xpp = xp.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < K; g += 64)
+        for (int q = 0; q < 8; ++q)
+          for (int e = 0; e < 8; ++e) xpp[m * K + g + 8 * q + e] = xptr[m * K + g + decode64_element(q, e)];
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) gemv_rows_avx2<4>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
+      for (; m + 2 <= M; m += 2) gemv_rows_avx2<2>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
+      for (; m < M; ++m) gemv_rows_avx2<1>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
+    });
+    return y;
+  }
+#endif
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_range<float>(p, a, shift, n * K, K, row.data());
+      for (int64_t m = 0; m < M; ++m) {
+#if QK_CPU_X86
+        yp[m * N + n] = has_avx2() ? dot_avx2(xptr + m * K, row.data(), K) : dot_scalar(xptr + m * K, row.data(), K);
+#else
+        yp[m * N + n] = dot_scalar(xptr + m * K, row.data(), K);
+#endif
+      }
+    }
+  });
+  return y;
+}
+// ------------------------------------------------------------------------------------------------- dropout
+//
+// The reference's counter-based mask: keep (m, k) iff hash(m·K + k, seed) >> 8 >= threshold, with
+// hash = fmix32(fmix32(lo ^ fmix32(seed_lo)) ^ (hi + seed_hi)), (lo, hi) the 32-bit halves of the index.
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+template <typename T>
+void dropout_rows(const T* x, T* out, int64_t rows, int64_t cols, int64_t seed, uint32_t threshold, float scale) {
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint32_t key = fmix32(static_cast<uint32_t>(useed));
+  const uint32_t seed_hi = static_cast<uint32_t>(useed >> 32);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint64_t index = static_cast<uint64_t>(r * cols + c);
+        const uint32_t h =
+            fmix32(fmix32(static_cast<uint32_t>(index) ^ key) ^ (static_cast<uint32_t>(index >> 32) + seed_hi));
+        const float v = to_f32(x[r * cols + c]) * scale;
+        out[r * cols + c] = ((h >> 8) >= threshold) ? from_f32<T>(v) : from_f32<T>(0.0f);
+      }
+    }
+  });
+}
+
+// Inverted dropout of x [rows, cols] with the hash mask: kept elements times scale (float32), in x's dtype.
+at::Tensor lora_dropout(const at::Tensor& x, int64_t seed, int64_t threshold, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qk_cpu.lora_dropout: x must be a 2-D CPU tensor");
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 24), "qk_cpu.lora_dropout: threshold out of range");
+  at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t rows = xc.size(0), cols = xc.size(1);
+  const float s = static_cast<float>(scale);
+  const uint32_t t = static_cast<uint32_t>(threshold);
+  switch (xc.scalar_type()) {
+    case at::kFloat: dropout_rows(xc.data_ptr<float>(), out.data_ptr<float>(), rows, cols, seed, t, s); break;
+    case at::kBFloat16:
+      dropout_rows(xc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, cols, seed, t, s);
+      break;
+    case at::kHalf: dropout_rows(xc.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, cols, seed, t, s); break;
+    default: TORCH_CHECK(false, "qk_cpu.lora_dropout: x must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+bool has_avx2_op() { return has_avx2(); }
+
+// Test hook: enable or disable the AVX2 paths (they stay off on CPUs without AVX2); returns the previous setting.
+bool set_simd(bool enabled) { return g_simd_enabled.exchange(enabled); }
+
+}  // namespace
+
+TORCH_LIBRARY(qk_cpu, m) {
+  m.def("quantize_nf4(Tensor weight, int blocksize) -> (Tensor, Tensor)", &quantize_nf4);
+  m.def("quantize_blockwise_8bit(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)",
+        &quantize_blockwise_8bit);
+  m.def("decode_absmax(Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code) -> Tensor",
+        &decode_absmax);
+  m.def("dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code, "
+        "int blocksize, int numel, ScalarType dtype) -> Tensor",
+        &dequantize_nf4);
+  m.def("dequantize_rows_(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code, "
+        "int blocksize, int K, int row0, Tensor(a!) out) -> ()",
+        &dequantize_rows_);
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code, "
+        "int blocksize, int N) -> Tensor",
+        &nf4_gemv);
+  m.def("lora_dropout(Tensor x, int seed, int threshold, float scale) -> Tensor", &lora_dropout);
+  m.def("has_avx2() -> bool", &has_avx2_op);
+  m.def("set_simd(bool enabled) -> bool", &set_simd);
+}
+
+}  // namespace qk_cpu

@@ -1,0 +1,251 @@
+"""The C++ CPU backend (qlora_kernels/cpu_kernels.py on csrc/nf4_cpu.cpp) against the reference, the executable spec.
+
+Quantize and dequantize must be bit-identical to the reference (and so to bitsandbytes' bytes); the fused linear,
+forward and backward, within DESIGN.md's tolerances of a float64 reference, on awkward shapes (M = 0 and 1, K % 64
+≠ 0, odd K and odd element counts, several tiles with a partial one), every path (decode-GEMV, tiled BLAS, the
+portable scalar code with AVX2 turned off), dropout, bias, the need_* flags and all three float dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from qlora_kernels import cpu_kernels, ops, reference
+from tests.helpers import assert_close_normwise
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="qlora_kernels._C lacks the C++ CPU kernels")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def simd(enabled: bool):
+    """Run the AVX2 paths (when the CPU has them) or the portable scalar ones."""
+    previous = torch.ops.qk_cpu.set_simd(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.qk_cpu.set_simd(previous)
+
+
+SIMD = pytest.mark.parametrize("use_simd", [True, False], ids=["simd", "scalar"])
+
+# ------------------------------------------------------------------------------------------------ NF4 format
+
+FORMAT_SHAPES = [(1, 1), (3, 5), (7, 96), (33, 130), (64, 64), (2, 4096), (5, 321)]
+
+
+@SIMD
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_quantize_and_dequantize_are_the_reference_bit_for_bit(blocksize, double_quant, use_simd):
+    with simd(use_simd):
+        for shape in FORMAT_SHAPES:
+            for dtype in DTYPES:
+                w = torch.randn(shape, dtype=dtype) * 3
+                if shape == (64, 64):
+                    w[:2] = 0  # all-zero blocks pack as 0x77
+                expected = reference.quantize_nf4(w, blocksize, double_quant)
+                got = cpu_kernels.quantize_nf4(w, blocksize, double_quant)
+                for e, g in zip(expected, got):
+                    if e is None:
+                        assert g is None
+                        continue
+                    assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e), (shape, dtype)
+                for out_dtype in DTYPES + (torch.float64,):
+                    want = reference.dequantize_nf4(*expected, blocksize, shape, out_dtype)
+                    have = cpu_kernels.dequantize_nf4(*expected, blocksize, shape, out_dtype)
+                    assert have.dtype == out_dtype and have.shape == want.shape
+                    assert torch.equal(have, want), (shape, dtype, out_dtype)
+
+
+def test_quantize_nan_and_inf_like_the_reference():
+    w = torch.randn(4, 64)
+    w[0, 3] = float("nan")
+    w[1, 5] = float("inf")
+    w[2, 7] = -float("inf")
+    for e, g in zip(reference.quantize_nf4(w, 64, False), cpu_kernels.quantize_nf4(w, 64, False)):
+        if e is not None:
+            assert torch.equal(e.view(torch.uint8) if e.dtype == torch.uint8 else e.nan_to_num(), g.nan_to_num()
+                               if g.dtype != torch.uint8 else g)
+
+
+def test_dequantize_accepts_other_storage_dtypes_and_shaped_absmax():
+    w = torch.randn(16, 128)
+    packed, absmax, nested, offset = reference.quantize_nf4(w, 64, True)
+    want = reference.dequantize_nf4(packed, absmax, nested, offset, 64, (16, 128), torch.bfloat16)
+    as_bf16 = packed.view(torch.bfloat16).reshape(-1, 1)  # bitsandbytes' quant_storage=bf16, shape [n, 1]
+    got = cpu_kernels.dequantize_nf4(as_bf16, absmax.reshape(-1, 1), nested, offset.reshape(1), 64, (16, 128),
+                                     torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_bytes_and_values_match_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    for shape in [(64, 128), (33, 320), (3, 4096)]:
+        for dtype in DTYPES:
+            w = torch.randn(shape, dtype=dtype)
+            q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+            packed, absmax, _, _ = cpu_kernels.quantize_nf4(w, 64, False)
+            assert torch.equal(packed, q.reshape(-1).view(torch.uint8))
+            assert torch.equal(absmax, state.absmax.float())
+            mine = cpu_kernels.dequantize_nf4(packed, absmax, None, None, 64, shape, dtype)
+            assert torch.equal(mine, bnbf.dequantize_4bit(q, state))
+
+
+# ------------------------------------------------------------------------------------------------ fused linear
+
+# (M, N, K, r, blocksize): decode-GEMV (M <= GEMV_MAX_ROWS) aligned and not, tiled BLAS, zero rows.
+LINEAR_CASES = [
+    (1, 64, 128, 4, 64),
+    (1, 17, 130, 3, 64),  # K % 64 != 0: blocks span rows
+    (3, 40, 96, 8, 128),
+    (5, 9, 63, 2, 64),  # odd K, odd element count
+    (2, 24, 256, 4, 256),
+    (13, 70, 192, 5, 64),  # tiled path
+    (20, 33, 65, 4, 128),  # tiled, odd K
+    (0, 8, 64, 2, 64),
+]
+
+
+def _storage(n: int, k: int, blocksize: int, double_quant: bool):
+    packed, absmax, nested, offset = reference.quantize_nf4(torch.randn(n, k), blocksize, double_quant)
+    code = reference.dynamic_map(True) if double_quant else None
+    return packed, absmax, nested, offset, code
+
+
+def _check_linear(case, dtype, double_quant, dropout, with_bias, need=(True, True, True, True)):
+    m, n, k, r, blocksize = case
+    storage = _storage(n, k, blocksize, double_quant)
+    x = torch.randn(m, k, dtype=dtype)
+    lora_a = torch.randn(r, k, dtype=dtype) / k**0.5
+    lora_b = torch.randn(n, r, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype) if with_bias else None
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64)
+    scale = 0.75
+    y, s = cpu_kernels.nf4_lora_linear_fwd(x, *storage, blocksize, lora_a, lora_b, scale, bias, dropout, seed)
+    d = torch.float64
+    y_ref, s_ref = reference.nf4_lora_linear_fwd(
+        x.to(d), *storage, blocksize, lora_a.to(d), lora_b.to(d), scale, None if bias is None else bias.to(d),
+        dropout, seed,
+    )
+    assert y.dtype == dtype and s.dtype == torch.float32
+    if m:
+        assert_close_normwise(y, y_ref, dtype)
+        assert_close_normwise(s, s_ref, dtype)
+    grad_y = torch.randn(m, n, dtype=dtype)
+    need_x, need_a, need_b, need_bias = need
+    need_bias = need_bias and with_bias
+    got = cpu_kernels.nf4_lora_linear_bwd(
+        grad_y, x, s, *storage, blocksize, lora_a, lora_b, scale, dropout, seed, need_x, need_a, need_b, need_bias
+    )
+    want = reference.nf4_lora_linear_bwd(
+        grad_y.to(d), x.to(d), s_ref, *storage, blocksize, lora_a.to(d), lora_b.to(d), scale, dropout, seed,
+        need_x, need_a, need_b, need_bias,
+    )
+    for g, w, like in zip(got, want, (x, lora_a, lora_b, x)):
+        if w is None:
+            assert g is None
+            continue
+        assert g.dtype == like.dtype and g.shape == w.shape
+        if m:
+            assert_close_normwise(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_fused_linear_matches_float64_reference(case, dtype):
+    for double_quant, dropout, with_bias in [(True, 0.0, False), (False, 0.3, True), (True, 0.5, True)]:
+        _check_linear(case, dtype, double_quant, dropout, with_bias)
+
+
+@pytest.mark.parametrize("case", [(1, 24, 128, 4, 64), (4, 9, 96, 3, 64), (11, 30, 130, 4, 128)], ids=str)
+def test_fused_linear_scalar_path(case):
+    with simd(False):
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_linear(case, dtype, True, 0.25, True)
+
+
+def test_fused_linear_many_tiles_and_a_partial_one(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "TILE_ELEMENTS", 7 * 192)  # 7 rows per tile: 70 = 10 tiles, 33 = 4 + 5 rows
+    for case in [(13, 70, 192, 5, 64), (9, 33, 192, 4, 64)]:
+        _check_linear(case, torch.float32, True, 0.2, True)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_gemv_and_tiled_paths_agree(m, monkeypatch):
+    storage = _storage(72, 512, 64, True)
+    x = torch.randn(m, 512)
+    a, b = torch.randn(4, 512), torch.randn(72, 4)
+    gemv = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b, 0.5, None, 0.0, None)[0]
+    monkeypatch.setattr(cpu_kernels, "GEMV_MAX_ROWS", 0)
+    tiled = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b, 0.5, None, 0.0, None)[0]
+    assert_close_normwise(gemv, tiled, torch.float32)
+
+
+@pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, True), (False, False, False, False)], ids=str)
+def test_backward_computes_only_what_is_needed(need):
+    _check_linear((3, 16, 64, 2, 64), torch.float32, True, 0.1, True, need)
+
+
+@pytest.mark.parametrize("seed", [0, 7, -1, 2**40 + 3, -(2**62)])
+def test_dropout_mask_is_the_reference_bit_for_bit(seed):
+    t = torch.tensor([seed], dtype=torch.int64)
+    for dtype in DTYPES:
+        x = torch.randn(37, 131, dtype=dtype)
+        for p in (0.1, 0.5, 0.9):
+            assert torch.equal(cpu_kernels._dropout(x, p, t), reference.lora_dropout(x, p, t))
+
+
+def test_float64_goes_to_the_reference():
+    storage = _storage(8, 64, 64, False)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    a, b = torch.randn(2, 64, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    got = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b, 1.0, None, 0.0, None)
+    want = reference.nf4_lora_linear_fwd(x, *storage, 64, a, b, 1.0, None, 0.0, None)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# ------------------------------------------------------------------------------------------------ backend choice
+
+
+def test_backend_setting_chooses_the_module(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("QLORA_KERNELS_BACKEND", raising=False)
+    assert ops._nf4_module(cpu) is cpu_kernels and ops._lora_linear_module(cpu) is cpu_kernels
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cpu")
+    assert ops._nf4_module(cpu) is cpu_kernels and ops._lora_linear_module(cpu) is cpu_kernels
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "torch")
+    assert ops._nf4_module(cpu) is reference and ops._lora_linear_module(cpu) is reference
+
+
+def test_cpu_setting_without_the_kernels_raises(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "auto")
+    assert ops._nf4_module(torch.device("cpu")) is reference
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="C\\+\\+ CPU kernels"):
+        ops._nf4_module(torch.device("cpu"))
+
+
+def test_public_api_autograd_under_auto_matches_reference(monkeypatch):
+    import qlora_kernels as qk
+
+    w4 = qk.NF4Weight.quantize(torch.randn(48, 96), blocksize=64, double_quant=True)
+    results = {}
+    for setting in ("auto", "torch"):
+        monkeypatch.setenv("QLORA_KERNELS_BACKEND", setting)
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 96, requires_grad=True)
+        a = torch.randn(4, 96, requires_grad=True)
+        b = torch.randn(48, 4, requires_grad=True)
+        bias = torch.randn(48, requires_grad=True)
+        y = qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias, dropout=0.2)
+        y.square().sum().backward()
+        results[setting] = (y, x.grad, a.grad, b.grad, bias.grad)
+    for got, want in zip(results["auto"], results["torch"]):
+        assert_close_normwise(got, want, torch.float32)
