@@ -453,7 +453,8 @@ def sharded_bases(model: nn.Module) -> Optional[ShardedBases]:
 @contextlib.contextmanager
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Gather every sharded NF4 base of ``model`` whole for the ``with`` block (a collective: every rank enters it),
-    e.g. to read or merge the base; freed again on exit. A no-op for a model whose base is not sharded."""
+    e.g. to read or merge the base; freed again on exit. A forward run inside the block frees its layers' bases as
+    usual. A no-op for a model whose base is not sharded."""
     bases = sharded_bases(model)
     if bases is None:
         yield model

@@ -238,8 +238,9 @@ def base_storage(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def corrupt_base(model: nn.Module, bnb_quant_state: bool = True) -> None:
-    """Overwrite the bytes of every 4-bit base in place (shapes and the quant-state record kept), so that only a load
-    that really restores them can make them equal to a saved model's again. ``bnb_quant_state=False`` leaves
+    """Overwrite every 4-bit base in place (packed and uint8 bytes inverted, float32 statistics raised by 1; shapes
+    and the quant-state record kept), so that only a load that really restores them can make them equal to a saved
+    model's again. ``bnb_quant_state=False`` leaves
     bitsandbytes' quantization statistics alone (only its packed bytes, a parameter, are loaded by load_state_dict)."""
     import bitsandbytes as bnb
 
@@ -252,8 +253,10 @@ def corrupt_base(model: nn.Module, bnb_quant_state: bool = True) -> None:
             else:
                 continue
             for t in tensors:
-                view = t.view(torch.uint8) if t.dtype != torch.float32 else t.view(torch.int32)
-                view.bitwise_not_()
+                if t.dtype == torch.float32:  # a statistic: changed, but still a valid (finite, >= 0) absmax
+                    t.add_(1.0)
+                else:
+                    t.view(torch.uint8).bitwise_not_()
 
 
 class FusedCallCounter:

@@ -9,6 +9,7 @@ timeout, every process group by a 60 s collective timeout.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +106,6 @@ def test_each_rank_holds_one_world_th_of_the_base(two, four, world_size):
         found = ranks[rank]["stack sharded"]["bytes"]
         assert found["layers"] == len(sw.STORAGES) and found["full"] > 0
         for name, (local, full) in found["per_field"].items():
-            itemsize = 2 if "bf16" in name else 1  # absmax is uint8 (double-quantized), packed uint8 or bf16
             assert full / world_size <= local < full / world_size + 4, name  # < one element of up to 4 bytes
         assert found["full"] / world_size <= found["shard"] < found["full"] / world_size + 4 * len(found["per_field"])
         assert found["resident_idle"] == found["shard"], "whole storage left allocated while sharded"
@@ -124,7 +124,7 @@ def test_peak_base_memory_is_the_shards_plus_one_layer(two, four, world_size):
         run = ranks[rank]["stack sharded"]
         b = run["bytes"]
         assert run["step_peak"] == b["shard"] + b["max_layer"]
-        assert run["step_peak"] < b["full"] or world_size == 2 and run["step_peak"] < b["full"] * 0.8
+        assert run["step_peak"] < b["full"], "no saving over the replicated base"
         assert run["after_backward"] == b["shard"], "a layer stayed gathered after backward"
     if world_size == 2:
         keep = two[0]["stack sharded_keep"]
@@ -195,6 +195,9 @@ def test_patched_peft_llama_trains_sharded_like_one_process(two, single):
         assert_close_dicts(run["lora"], expected["lora"], rtol=1e-4, atol=5e-6)
         assert_same_base(run["base_after"], run["base_before"])
         assert run["step_peak"] < run["bytes"]["shard"] + run["bytes"]["full"] / 2
+    b = two[0]["llama sharded"]["bytes"]
+    print(f"llama, 2 ranks: base {b['full']} B whole, {b['shard']} B per rank (+{b['replicated']} B replicated "
+          f"statistics), peak {two[0]['llama sharded']['step_peak']} B over a step")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -289,3 +292,30 @@ def test_fully_shard_qlora_checks_shard_base():
     assert qkd.sharded_bases(nn.Linear(2, 2)) is None
     with qkd.unsharded_bases(dw.make_stack()) as model:  # no sharded base: nothing to gather
         assert model.blocks[0].linear.weight_packed.numel() > 0
+
+
+# -------------------------------------------------------------------------------------------------- the plan
+
+
+def test_fsdp_example_plan_prints_a_70b_estimate_for_2_4_8_ranks():
+    """python examples/fsdp_qlora.py --plan (no torchrun): a table per rank count; the base's per-rank pieces halve
+    as the ranks double and are the whole base / ranks (to rounding); the assumptions are printed."""
+    import re
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fsdp_qlora.py"
+    result = subprocess.run([sys.executable, str(example), "--plan"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"2 ranks\s+4 ranks\s+8 ranks", out), out
+    pieces = [float(v) for v in re.search(r"NF4 base, this rank's pieces\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+                                          out).groups()]
+    whole = float(re.search(r"the NF4 base whole.*: ([\d.]+) GiB", out).group(1))
+    for world_size, value in zip((2, 4, 8), pieces):
+        assert abs(value - whole / world_size) <= 0.01, (world_size, value, whole)
+    assert 30 < whole < 40, "a 70B NF4 base is about 35 GB"
+    totals = [float(v) for v in re.search(r"total\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out).groups()]
+    assert totals[0] > totals[1] > totals[2]
+    for item in ("LoRA weights", "AdamW state", "activations (assumed", "Assumptions:", "micro-batch of 1 x 2048"):
+        assert item in out, item
