@@ -12,7 +12,12 @@ What it does:
 4. calls ``qk.patch_peft_model(model)`` and trains on a public-domain text shipped in examples/data/ (bytes as
    tokens, so no tokenizer download), with a progress bar;
 5. prints the loss falling, held-out loss before and after, steps/s with and without the patch; saves the adapter,
-   an ordinary peft adapter that stock peft loads.
+   an ordinary peft adapter that stock peft loads, in --out (default: ~/.cache/qlora-kernels/tiny_llama_qlora_adapter,
+   never the current directory), with the random-init base it was trained on in --out/base_model, which the
+   adapter's base_model_name_or_path names:
+
+       base = AutoModelForCausalLM.from_pretrained(OUT / "base_model", quantization_config=BitsAndBytesConfig(...))
+       model = PeftModel.from_pretrained(base, OUT)
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "devils_dictionary.txt"
 VOCAB = 256  # byte-level "tokenizer": every byte is a token
+# Outside the repository and the current directory, and kept: the user's cache folder.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+DEFAULT_OUT = CACHE / "qlora-kernels" / "tiny_llama_qlora_adapter"
 
 
 def add_training_arguments(p: argparse.ArgumentParser, batch_help: str) -> None:
@@ -66,7 +75,8 @@ def check_training_arguments(p: argparse.ArgumentParser, args: argparse.Namespac
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_training_arguments(p, batch_help="sequences per step")
-    p.add_argument("--out", type=Path, default=Path("tiny_llama_qlora_adapter"), help="where the adapter is saved")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="where the adapter is saved, its base model in OUT/base_model (default: %(default)s)")
     p.add_argument("--compare-steps", type=int, default=10,
                    help="steps timed with and without the patch, alternating (0: skip; default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
@@ -96,8 +106,12 @@ def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: t
 # ----------------------------------------------------------------------------------------------------- model
 
 
-def build_qlora_model(args, device: torch.device, dtype: torch.dtype):
-    """A random-init Llama, loaded back in 4-bit NF4 as a QLoRA user loads a real one, with peft LoRA adapters."""
+def build_qlora_model(args, device: torch.device, dtype: torch.dtype, base_dir: Optional[Path] = None):
+    """A random-init Llama, loaded back in 4-bit NF4 as a QLoRA user loads a real one, with peft LoRA adapters.
+
+    The random-init checkpoint is written to ``base_dir`` and kept there (the adapter saved later names it as its base
+    model), or to a temporary directory, deleted once loaded, when ``base_dir`` is None.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as transformers_logging
@@ -115,8 +129,9 @@ def build_qlora_model(args, device: torch.device, dtype: torch.dtype):
         tie_word_embeddings=False,
     )
     torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory() as checkpoint, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notes about loading a quantized model on CPU
+        checkpoint = Path(scratch) if base_dir is None else base_dir.resolve()
         LlamaForCausalLM(config).save_pretrained(checkpoint)
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -127,6 +142,8 @@ def build_qlora_model(args, device: torch.device, dtype: torch.dtype):
         model = LlamaForCausalLM.from_pretrained(
             checkpoint, quantization_config=quantization, dtype=dtype, device_map={"": device}
         )
+    if base_dir is None:
+        model.name_or_path = model.config._name_or_path = ""  # record no path that is about to be deleted
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
@@ -137,8 +154,6 @@ def build_qlora_model(args, device: torch.device, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(model, lora)
-    # The random-init checkpoint was temporary: record no path that peft would look up again when saving.
-    model.peft_config["default"].base_model_name_or_path = None
     return model.train()
 
 
@@ -223,7 +238,7 @@ def main(argv=None) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     train_data, held_out = load_bytes(args.data)
-    model = build_qlora_model(args, device, dtype)
+    model = build_qlora_model(args, device, dtype, base_dir=args.out / "base_model")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"tiny Llama: {args.layers} layers, hidden {args.hidden}, NF4 base (bitsandbytes), LoRA r={args.rank} "
@@ -248,8 +263,8 @@ def main(argv=None) -> int:
         qk.unpatch_peft_model(model)
 
     # 2. The one line.
-    switched = qk.patch_peft_model(model)
-    print(f"patch_peft_model: {switched} LoRA layers now run qlora_kernels' fused NF4 + LoRA path")
+    model = qk.patch_peft_model(model)
+    print(f"patch_peft_model: {model.qlora_kernels_patched} LoRA layers now run qlora_kernels' fused NF4 + LoRA path")
 
     before = held_out_loss(model, held_out, args, device)
     losses, training_rate = train(model, new_optimizer(), train_data, args, device, progress)
@@ -264,9 +279,9 @@ def main(argv=None) -> int:
         f"patched {patched_rate:.2f} (x{patched_rate / stock_rate:.2f}, alternating steps); "
         f"fine-tuning run {training_rate:.2f}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    print(f"adapter saved to {args.out} (load it with peft's PeftModel.from_pretrained)")
+    print(f"adapter saved to {args.out}, its base model to {args.out / 'base_model'} "
+          "(load them with transformers' from_pretrained and peft's PeftModel.from_pretrained)")
     return 0
 
 

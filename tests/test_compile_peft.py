@@ -28,7 +28,8 @@ import test_peft  # noqa: E402  (the tiny Llama, its 4-bit loading and LoRA set-
 def one_layer_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("one_layer_llama")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**test_peft.LLAMA, "num_hidden_layers": 1})).save_pretrained(path)
+    config = transformers.LlamaConfig(**{**test_peft.LLAMA, "num_hidden_layers": 1})
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
 
 

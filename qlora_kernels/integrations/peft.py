@@ -190,8 +190,9 @@ class FusedLoraForward:
         if quant_state is None or in_bnb_cpu_layout(quant_state):
             return None
         cached = self._cache
-        if cached is None or cached[0] is not weight or cached[1] is not quant_state or cached[2] is not quant_state.absmax:
-            self._cache = cached = (weight, quant_state, quant_state.absmax, _nf4_view_outside_compile(weight))
+        absmax = quant_state.absmax
+        if cached is None or cached[0] is not weight or cached[1] is not quant_state or cached[2] is not absmax:
+            self._cache = cached = (weight, quant_state, absmax, _nf4_view_outside_compile(weight))
         return cached[3]
 
     def count(self, route: Route) -> None:

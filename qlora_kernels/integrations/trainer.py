@@ -1,7 +1,8 @@
 """transformers ``Trainer`` / TRL ``SFTTrainer`` integration: a callback that patches the model the trainer trains.
 
     from qlora_kernels.integrations.trainer import QLoRAKernelsCallback
-    trainer = SFTTrainer(model=model_loaded_in_4bit, peft_config=LoraConfig(...), ..., callbacks=[QLoRAKernelsCallback()])
+    trainer = SFTTrainer(model=model_loaded_in_4bit, peft_config=LoraConfig(...), ...,
+                         callbacks=[QLoRAKernelsCallback()])
 
 A trainer may add the LoRA adapters itself (``SFTTrainer(peft_config=...)``), so a ``patch_peft_model`` call made
 before constructing it finds nothing to patch. The callback patches at ``on_train_begin`` instead, on the model the
