@@ -530,6 +530,12 @@ def plan(
         layer_grads = sum(s.r * (n + k) for name, (n, k) in shape.linears().items() if name in s.targets) * s.lora_b
     embedding_grads, head_grads, layer_grads = (math.ceil(g / shards) for g in (embedding_grads, head_grads,
                                                                                  layer_grads))
+    # Stock bitsandbytes dequantizes each NF4 weight to the compute dtype in forward and again in backward (under
+    # stock peft, and for the NF4 layers without LoRA under the fused path); the fused kernels never hold one.
+    stock_nf4 = [name for name in shape.linears() if lora_impl == "peft" or name not in s.targets]
+    workspace = 0
+    if method.startswith("qlora") and stock_nf4:
+        workspace = max(shape.linears()[name][0] * shape.linears()[name][1] for name in stock_nf4) * s.b
     first_layer_saved = (s.tokens * shape.hidden * s.b + recomputed) if checkpointing else _layer_activations(s, True)
 
     # Four candidate peaks, all with the weights, the optimizer state and the logits the caller holds:
@@ -544,17 +550,19 @@ def plan(
         "backward start": {"activations": layers_saved + head_saved, "gradients": 0,
                            "backward temporaries": _loss_backward_transient(s), "sharding buffers": gathered},
         "last layer backward": {"activations": layers_saved + recomputed, "gradients": head_grads,
-                                "backward temporaries": _layer_backward_transient(s), "sharding buffers": gathered},
+                                "backward temporaries": _layer_backward_transient(s), "dequantization workspace": workspace,
+                                "sharding buffers": gathered},
         "first layer backward": {"activations": first_layer_saved,
                                  "gradients": gradients - layer_grads - embedding_grads,
-                                 "backward temporaries": _layer_backward_transient(s), "sharding buffers": gathered},
+                                 "backward temporaries": _layer_backward_transient(s),
+                                 "dequantization workspace": workspace, "sharding buffers": gathered},
         "optimizer step": {"activations": 0, "gradients": gradients,
                            "optimizer step temporaries": _optimizer_step_transient(optimizer, shard)},
     }
     phases = {name: sum(static.values()) + sum(parts.values()) for name, parts in candidates.items()}
     peak_phase = max(phases, key=phases.get)
     breakdown = {name: 0 for name in ("activations", "gradients", "backward temporaries", "optimizer step temporaries",
-                                      "sharding buffers")}
+                                      "dequantization workspace", "sharding buffers")}
     breakdown = static | breakdown | candidates[peak_phase]
     total = sum(breakdown.values())
 

@@ -161,9 +161,9 @@ CASES = [
     ("full", "transformers", torch.bfloat16, 0, "all-linear", True, "sgd", 2, 64),
     ("lora", "peft", torch.float32, 8, "all-linear", True, "adamw", 4, 32),
     ("lora", "peft", torch.bfloat16, 4, "qv", False, "adamw", 2, 64),
-    ("qlora", "QLoRALinear", torch.float32, 8, "all-linear", False, "paged_adamw_8bit", 2, 64),
-    ("qlora", "QLoRALinear", torch.bfloat16, 16, "all-linear", True, "adamw", 4, 32),
-    ("qlora_no_dq", "QLoRALinear", torch.float32, 4, "all-linear", True, "paged_adamw_8bit", 1, 128),
+    ("qlora", "QLoRALinear", torch.float32, 8, "all-linear", True, "paged_adamw_8bit", 2, 64),
+    ("qlora", "QLoRALinear", torch.bfloat16, 16, "all-linear", False, "adamw", 2, 32),
+    ("qlora_no_dq", "QLoRALinear", torch.float32, 4, "all-linear", False, "sgd", 1, 96),
     ("qlora", "peft+bnb patched", torch.float32, 8, "qv", False, "adamw", 2, 64),
 ]
 
@@ -226,6 +226,10 @@ def test_plan_orders_methods_and_options_as_memory_must_go():
     assert plan(method="qlora", **(kw | {"checkpointing": True})).total_bytes < qlora
     assert plan(method="qlora", r=64, **kw).total_bytes > plan(method="qlora", r=8, **kw).total_bytes
     assert plan(method="qlora", targets="qv", **kw).total_bytes < qlora
+    stock = plan(method="qlora", lora_impl="peft", **kw)  # bitsandbytes dequantizes a whole weight per call
+    shape = PRESETS["llama-2-7b"]
+    assert stock.breakdown["dequantization workspace"] in (0, shape.hidden * shape.intermediate * 2)
+    assert stock.total_bytes > qlora
     eight = plan(method="full", **(kw | {"optimizer": "adamw_8bit"}))
     assert eight.breakdown["optimizer state"] < plan(method="full", **kw).breakdown["optimizer state"] / 1.9
     # FSDP full shard over 8 GPUs: a full fine-tune's weights, gradients and state split 8 ways, activations not;
