@@ -48,9 +48,12 @@ stage_done() {  # name status started_at
   printf '%s\t%s\t%s\n' "$1" "$2" "$((SECONDS - $3))" | tee -a "$OUTDIR/stages.tsv"
 }
 remaining() { echo $((TOTAL - (SECONDS - START))); }
-limit() {  # the smaller of a stage's limit and what the whole budget has left (minus a margin for the last writes)
+limit() {  # the smaller of a stage's limit and what the whole budget has left (minus a margin for the last writes),
+  # at least 1 (`timeout 0` would mean no limit at all)
   local left=$(( $(remaining) - 5 ))
-  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+  if [ "$left" -gt "$1" ]; then left=$1; fi
+  if [ "$left" -lt 1 ]; then left=1; fi
+  echo "$left"
 }
 
 # --- 1. env

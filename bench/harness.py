@@ -54,6 +54,7 @@ class Case:
     flops: int = 0
     case: str = ""
     cuda_graph: bool = False  # capture the call in a CUDA graph (small M: launch overhead dominates)
+    min_runs: Optional[int] = None  # timed runs at least (None: the harness's default for the device)
     est_s: float = 2.0
     modelled_us: Optional[float] = None  # a static model's prediction (GPU runs), never a measurement
     planned_mem_mb: Optional[float] = None  # the memory planner's prediction of the peak (train_step)
@@ -436,7 +437,7 @@ def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool
                 results.interrupted = f"run budget of {run_budget_s:g} s spent; {len(cases) - i} cases skipped"
                 break
             bar.show(case.name)
-            run_case(case, device, results, budget, cap_s=case_cap_s, min_runs=min_runs)
+            run_case(case, device, results, budget, cap_s=case_cap_s, min_runs=case.min_runs or min_runs)
             bar.step()
             if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_every_s:
                 results.wall_s = time.perf_counter() - start

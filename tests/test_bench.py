@@ -272,4 +272,4 @@ def test_cpu_plan_measures_every_cpu_goal():
             ("train_step", "qlora_kernels", 1024), ("train_step", "bnb_peft", 1024)} <= names
     # The case estimates that drive the ETA fit the 5-minute goal with room for building the layers.
     assert sum(c.est_s for c in cases) < 200
-    assert plans.get("cpu").run_budget_s <= 300
+    assert plans.get("cpu").run_budget_s <= 420  # a safety net on a slow or shared machine, not the target

@@ -127,7 +127,7 @@ def cases(device: torch.device, plan: str) -> list[Case]:
     est = 25.0 if device.type == "cpu" else 20.0
     common = dict(M=tokens, N=args.hidden, K=args.hidden, r=args.rank, dtype=str(dtype).removeprefix("torch."),
                   bytes=0, flops=0, case=f"llama {args.layers}x{args.hidden} seq {args.seq_len} ({n_linear} LoRA layers)",
-                  est_s=est)
+                  est_s=est, min_runs=3)  # a step is long: 3 timed runs after the gate and the warm-up
     out = []
     for impl in ("bnb_peft", "qlora_kernels"):
         planned, notes = planned_peak_mb(args, dtype, impl)
