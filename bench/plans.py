@@ -30,7 +30,7 @@ class Plan:
 PLANS = {
     "full": Plan("full", 120.0, 0.0, None, "every shape, M and r on the GPU"),
     "gpu-check": Plan("gpu-check", 60.0, 0.0, 2, "the goal points only, for one short GPU lease"),
-    # cpu: about 2-3 minutes on an idle 2-core machine; the cap and budget only stop a machine far slower than that.
+    # cpu: its case estimates sum to about 2 minutes; the cap and the budget stop a slow or shared machine.
     "cpu": Plan("cpu", 60.0, 420.0, None, "the CPU goals in one run of a few minutes"),
     "quick": Plan("quick", 30.0, 0.0, None, "a small subset (minutes on a CPU)"),
     "tiny": Plan("tiny", 30.0, 0.0, None, "seconds: the harness's own tests"),
