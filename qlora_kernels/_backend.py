@@ -1,8 +1,13 @@
-"""Which implementation serves a call: the Triton kernels or the torch reference (DESIGN.md, "Layers").
+"""Which implementation serves a call: the Triton kernels, the C++ CPU kernels or the torch reference (DESIGN.md,
+"Layers").
 
-CUDA tensors go to Triton. CPU tensors go to the reference unless ``QLORA_KERNELS_BACKEND=triton`` (with
-``TRITON_INTERPRET=1``), which sends them through the same Triton launchers. ``QLORA_KERNELS_BACKEND=torch`` forces
-the reference everywhere. The variable is read at every call, so tests can switch it.
+``QLORA_KERNELS_BACKEND`` (read at every call, so tests can switch it):
+
+- ``auto`` (default): CUDA tensors go to Triton; CPU tensors go to the C++ CPU kernels
+  (:mod:`qlora_kernels.cpu_kernels`) when the extension ``qlora_kernels._C`` has them, else to the reference.
+- ``cpu``: as ``auto``, but a CPU call raises when the C++ CPU kernels are missing instead of falling back.
+- ``triton`` (with ``TRITON_INTERPRET=1`` on a CPU-only machine): CPU tensors go through the Triton launchers too.
+- ``torch``: the reference everywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "torch", "triton")
+_CHOICES = ("auto", "cpu", "torch", "triton")
 
 
 def backend_setting() -> str:
@@ -29,6 +34,33 @@ def use_triton(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return setting == "triton"
+
+
+def use_cpu_kernels(device: torch.device) -> bool:
+    """True when a call on ``device`` should run the C++ CPU kernels (a CPU tensor, ``auto`` or ``cpu``)."""
+    if device.type != "cpu":
+        return False
+    setting = backend_setting()
+    if setting not in ("auto", "cpu"):
+        return False
+    if cpu_kernels().available():
+        return True
+    if setting == "cpu":
+        from ._extension import _IMPORT_ERROR
+
+        raise RuntimeError(
+            "QLORA_KERNELS_BACKEND=cpu needs the C++ CPU kernels of qlora_kernels._C (csrc/nf4_cpu.cpp), which are "
+            f"not available (extension import error: {_IMPORT_ERROR}); rebuild with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return False
+
+
+def cpu_kernels():
+    """The ``qlora_kernels.cpu_kernels`` module (its C++ kernels may be missing: see ``available()``)."""
+    from . import cpu_kernels as ck
+
+    return ck
 
 
 def triton_kernels():

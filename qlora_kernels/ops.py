@@ -22,9 +22,14 @@ _EMPTY = (0,)
 
 
 def _nf4_module(device: torch.device):
-    """The module implementing the NF4 ops for ``device``: the Triton launchers or the reference."""
+    """The module implementing the NF4 ops for ``device``: the Triton launchers, the C++ CPU kernels or the
+    reference (qlora_kernels/_backend.py)."""
+    from ._backend import cpu_kernels, use_cpu_kernels
+
     if use_triton(device):
         return importlib.import_module(".nf4", triton_kernels().__name__)
+    if use_cpu_kernels(device):
+        return cpu_kernels()
     return reference
 
 
@@ -108,9 +113,14 @@ def _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nest
 
 
 def _lora_linear_module(device: torch.device):
-    """The module implementing the fused linear for ``device``: the Triton launchers or the reference."""
+    """The module implementing the fused linear for ``device``: the Triton launchers, the C++ CPU kernels or the
+    reference (qlora_kernels/_backend.py)."""
+    from ._backend import cpu_kernels, use_cpu_kernels
+
     if use_triton(device):
         return importlib.import_module(".lora_linear", triton_kernels().__name__)
+    if use_cpu_kernels(device):
+        return cpu_kernels()
     return reference
 
 
