@@ -319,3 +319,25 @@ def test_fsdp_example_plan_prints_a_70b_estimate_for_2_4_8_ranks():
     assert totals[0] > totals[1] > totals[2]
     for item in ("LoRA weights", "AdamW state", "activations (assumed", "Assumptions:", "micro-batch of 1 x 2048"):
         assert item in out, item
+
+
+def test_tensor_shard_keeps_its_piece_and_frees_the_rest():
+    """Without a process group: rank 1 of 3 keeps rows [4, 8) of 10 (padded to 4), freeing empties the layer's
+    tensor and every registered alias (shape (0,), 0 bytes of storage), a whole tensor loads as this rank's rows,
+    and wrong shapes or shared storage are refused with ValueError naming the tensor."""
+    tensor = torch.arange(10, dtype=torch.uint8).reshape(10, 1)
+    alias = tensor.view(-1)
+    shard = sharding.TensorShard("layer.weight", tensor, [alias], rank=1, world_size=3, group=None)
+    assert torch.equal(shard.local, torch.tensor([4, 5, 6, 7], dtype=torch.uint8))
+    shard.free()
+    assert tensor.shape == (0,) and alias.shape == (0,) and shard.storage.nbytes() == 0
+    shard.load(torch.arange(100, 110, dtype=torch.uint8).reshape(10, 1))
+    assert torch.equal(shard.local, torch.tensor([104, 105, 106, 107], dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"layer.weight must be torch.uint8 \(10, 1\)"):
+        shard.load(torch.zeros(9, 1, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="layer.weight must be a tensor"):
+        shard.load([1, 2])
+    with pytest.raises(ValueError, match="shares its storage"):
+        sharding.TensorShard("layer.weight.absmax", torch.zeros(20)[4:], [], 0, 2, None)
+    with pytest.raises(ValueError, match=r"shape \[n\] or \[n, 1\]"):
+        sharding.TensorShard("w", torch.zeros(4, 4), [], 0, 2, None)
