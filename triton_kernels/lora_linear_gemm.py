@@ -71,7 +71,8 @@ _SMALL_M = [
     (16, 32, 256, 4, 3, False),
 ]
 _FWD_SMALL_M = _SMALL_M + [(16, 64, 128, 4, 4, False)]
-_DX_SMALL_M = _SMALL_M
+# 16,128,128 swapped spills registers in the dX kernel under Triton 3.6 (not under 3.9): left out there.
+_DX_SMALL_M = [row for row in _SMALL_M if row != (16, 128, 128, 4, 3, True)]
 
 
 def autotuning_enabled() -> bool:
@@ -160,13 +161,14 @@ def _lora_init(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
+        # int64 offsets: a strided LoRA matrix (offs_r · stride_right_r) and splits · M · rank can pass 2^31.
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask_r = offs_r < rank
         mask_mr = mask_m[:, None] & mask_r[None, :]
         part_ptrs = parts_ptr + offs_m[:, None] * stride_part_m + offs_r[None, :]
         lora = tl.load(part_ptrs, mask=mask_mr, other=0.0)
         for split in range(1, lora_parts):
-            lora += tl.load(part_ptrs + split * stride_part, mask=mask_mr, other=0.0)
+            lora += tl.load(part_ptrs + tl.cast(split, tl.int64) * stride_part, mask=mask_mr, other=0.0)
         if WRITE_LORA:
             if write_lora:
                 tl.store(lora_out_ptr + offs_m[:, None] * rank + offs_r[None, :], lora, mask=mask_mr)
@@ -216,13 +218,13 @@ def _nf4_lora_fwd_kernel(
         else:
             acc += bias[None, :]
 
+    # x's column offsets in int64: a column-strided x (a transposed activation) has k · stride_xk past 2^31.
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K).to(tl.int64)[None, :] * stride_xk
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        )
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        x_ptrs += x_step
         w = load_nf4_tile(
             packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
             offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED,

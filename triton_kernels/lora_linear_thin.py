@@ -36,15 +36,18 @@ def _lora_rows_kernel(
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)  # times a stride of the caller's: int64
     mask_m = offs_m < M
     mask_r = offs_r < rank
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     c_start = split * chunk
     c_end = tl.minimum(c_start + chunk, C)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    # Every split runs the same trip count (chunk / BLOCK_C, from the arguments); the last split's excess steps are
+    # masked off. (Triton 3.6's interpreter holds every integer argument as a 1-element array, which range() rejects
+    # with numpy >= 2.4, whatever the bounds: under 3.6, interpret with numpy < 2.4.)
+    for c0 in range(0, chunk, BLOCK_C):
+        offs_c = c_start + c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
@@ -75,7 +78,7 @@ def _lora_cols_kernel(
     pid_c = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)  # times a stride of the caller's: int64
     mask_c = offs_c < C
     mask_r = offs_r < rank
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -83,8 +86,10 @@ def _lora_cols_kernel(
     m_end = tl.minimum(m_start + chunk, M)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+    # One trip count for every split, as in _lora_rows_kernel. In this form the dB/dbias pass at r <= 16 compiles
+    # without register spills under Triton 3.6 (the earlier range(m_start, m_end) form spilled 6 instructions).
+    for m0 in range(0, chunk, BLOCK_M):
+        offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         g = tl.load(
             g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,

@@ -22,6 +22,14 @@ _NESTED = reference.NESTED_BLOCKSIZE
 
 
 @triton.jit
+def _tiny(like):
+    # reference._TINY (1e-38, guarding 1/absmax of an all-zero block) as a float32 tile shaped like ``like``. Typed
+    # explicitly: a bare 1e-38 is below FLT_MIN, Triton types such a literal fp64, and Triton 3.6's tl.maximum then
+    # promotes the whole expression to fp64 (3.9 casts the scalar down). tl.full rounds it to float32 as torch does.
+    return tl.full(like.shape, 1e-38, tl.float32)
+
+
+@triton.jit
 def _quantize_nf4_kernel(
     w_ptr,
     packed_ptr,
@@ -43,7 +51,7 @@ def _quantize_nf4_kernel(
     x_odd = tl.load(w_ptr + offs_odd, mask=offs_odd < numel, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
     # bitsandbytes scales by a correctly rounded reciprocal (1.0f / absmax), not by a division per element.
-    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, _tiny(absmax)))
     s_even = tl.minimum(tl.maximum(x_even * inv[:, None], -1.0), 1.0)
     s_odd = tl.minimum(tl.maximum(x_odd * inv[:, None], -1.0), 1.0)
     # Nearest level by the 15 float32 midpoints; a value on a midpoint goes to the lower code.
@@ -76,7 +84,8 @@ def _quantize_absmax_8bit_kernel(
     centred = tl.load(absmax_ptr + offs, mask=mask, other=0.0) - tl.load(offset_ptr)
     centred = tl.where(mask, centred, 0.0)
     nested_absmax = tl.max(tl.abs(centred), axis=0)
-    inv = tl.math.div_rn(1.0, tl.maximum(nested_absmax, 1e-38))
+    one = tl.full(nested_absmax.shape, 1.0, tl.float32)
+    inv = tl.math.div_rn(one, tl.maximum(nested_absmax, _tiny(nested_absmax)))
     scaled = tl.minimum(tl.maximum(centred * inv, -1.0), 1.0)
     # Binary search for the number of the 255 midpoints below the value (= the nearest level's index).
     code = tl.zeros(scaled.shape, tl.int32)
@@ -124,8 +133,9 @@ def _dequantize_nf4_kernel(
 
 
 def _quantize_config(blocksize: int) -> int:
-    """Blocks per program: about 2K elements per program on a GPU, 16K under the interpreter (fewer Python steps)."""
-    target = 16384 if interpreting() else 2048
+    """Blocks per program: about 2K elements per program on a GPU (1K for blocks of 256 and more: 8 blocks of 256
+    spill registers under Triton 3.6), 16K under the interpreter (fewer Python steps)."""
+    target = 16384 if interpreting() else (2048 if blocksize < 256 else 1024)
     return max(1, target // blocksize)
 
 
