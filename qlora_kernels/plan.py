@@ -87,7 +87,8 @@ class ModelShape:
         """The linear layers of one decoder layer: name -> (out_features, in_features)."""
         h, i = self.hidden, self.intermediate
         return {
-            "q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h), "o_proj": (h, self.q_dim),
+            "q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
+            "o_proj": (h, self.q_dim),
             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
         }
 
@@ -162,7 +163,8 @@ def model_shape(model: Any) -> ModelShape:
     if hasattr(model, "to_dict") and hasattr(model, "hidden_size"):  # transformers.PretrainedConfig
         return _shape_from_config(model.to_dict(), getattr(model, "model_type", "config"))
     raise TypeError(
-        f"model must be a preset name, a config.json path, a config dict or a PretrainedConfig, got {type(model).__name__}"
+        "model must be a preset name, a config.json path, a config dict or a PretrainedConfig, "
+        f"got {type(model).__name__}"
     )
 
 
@@ -242,9 +244,10 @@ class Plan:
 
     ``breakdown`` maps each part to its bytes at the predicted peak and sums to ``total_bytes`` (so parts freed
     before the peak, such as the gradients when it comes at the start of backward, show as 0); ``sizes`` has the
-    whole gradients and saved activations whichever phase peaks, ``phases`` the total at each candidate peak. ``paged_bytes`` is
-    the optimizer state a paged optimizer lets the driver move to host memory. ``verdicts`` maps each card size of
-    :data:`GPU_SIZES` to "fits", "fits with paging" (only when the paged state is moved out) or "does not fit".
+    whole gradients and saved activations whichever phase peaks, ``phases`` the total at each candidate peak.
+    ``paged_bytes`` is the optimizer state a paged optimizer lets the driver move to host memory. ``verdicts`` maps
+    each card size of :data:`GPU_SIZES` to "fits", "fits with paging" (only once the paged state is moved out) or
+    "does not fit", counting ``overhead_bytes`` on top of ``total_bytes``.
     """
 
     inputs: dict
@@ -273,13 +276,14 @@ class Plan:
 
     def table(self) -> str:
         """The breakdown as a text table, largest parts first, then the total and the verdicts."""
-        width = max(len(k) for k in self.breakdown) + 2
+        total_label = f"total (peak at {self.peak_phase})"
+        width = max(len(k) for k in [*self.breakdown, total_label]) + 2
         lines = [f"{'part':<{width}}{'GiB':>10}"]
         for name, nbytes in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
             if nbytes == 0:
                 continue
             lines.append(f"{name:<{width}}{nbytes / GiB:>10.3f}")
-        lines.append(f"{'total (peak at ' + self.peak_phase + ')':<{width}}{self.total_gib:>10.3f}")
+        lines.append(f"{total_label:<{width}}{self.total_gib:>10.3f}")
         if self.paged_bytes:
             lines.append(f"{'  of which pageable':<{width}}{self.paged_bytes / GiB:>10.3f}")
         lines.append("fits? " + ", ".join(f"{gpu}: {v}" for gpu, v in self.verdicts.items()))
@@ -305,8 +309,9 @@ class _Setup:
 
 
 def _linear_input_saved(s: _Setup, names: Sequence[str], k: int) -> int:
-    """Bytes saved for backward from one input [tokens, k] shared by the linear layers ``names`` (q/k/v, gate/up, or
-    o, down), not counting the input itself where it is saved anyway."""
+    """Bytes that the linear layers ``names`` (q/k/v, gate/up, o or down), which all read one input [tokens, k], save
+    of that input for backward: one storage when they save the input itself, one copy per adapter when peft casts
+    it to the LoRA dtype first, nothing when all of them are frozen."""
     if s.method == "full":
         return s.tokens * k * s.b  # each weight gradient needs the input; one storage for all of them
     targeted = [n for n in names if n in s.targets]
@@ -473,6 +478,10 @@ def plan(
     and QLoRALinear keep them). lora_impl: "qlora_kernels" (the fused op; QLoRA's default) or "peft" (stock peft
     layers; LoRA's default). overhead_bytes: added for the verdicts only (CUDA context, allocator slack).
 
+    Assumed: transformers' Llama with SDPA (or flash) attention, not eager attention's [seq, seq] scores; peft's LoRA
+    dropout 0 (with dropout peft saves a dropped copy of x per adapter; the fused op regenerates its mask); no AMP
+    autocast weight cache; the loss over every position (transformers' causal-LM loss upcasts the logits to float32).
+
     Raises ValueError/TypeError naming the argument for anything it cannot plan.
     """
     shape = model_shape(model)
@@ -490,10 +499,13 @@ def plan(
     if lora_impl not in ("qlora_kernels", "peft"):
         raise ValueError(f"lora_impl must be 'qlora_kernels' or 'peft', got {lora_impl!r}")
     if lora_impl == "qlora_kernels" and method in ("full", "lora"):
-        raise ValueError(f"lora_impl='qlora_kernels' needs an NF4 base: method 'qlora' or 'qlora_no_dq', not {method!r}")
+        raise ValueError(
+            f"lora_impl='qlora_kernels' needs an NF4 base: method 'qlora' or 'qlora_no_dq', not {method!r}"
+        )
     if isinstance(overhead_bytes, bool) or not isinstance(overhead_bytes, numbers.Integral) or overhead_bytes < 0:
         raise ValueError(f"overhead_bytes must be an int >= 0, got {overhead_bytes!r}")
-    batch, seq, world_size = (_positive_int(v, a) for v, a in ((batch, "batch"), (seq, "seq"), (world_size, "world_size")))
+    batch, seq, world_size = (_positive_int(batch, "batch"), _positive_int(seq, "seq"),
+                              _positive_int(world_size, "world_size"))
     r = _positive_int(r, "r")
     s = _Setup(shape, method, lora_impl, _resolve_targets(targets), r, batch * seq, batch, seq,
                _dtype_bytes(dtype, "dtype"), _dtype_bytes(lora_dtype, "lora_dtype"), checkpointing)
@@ -550,8 +562,8 @@ def plan(
         "backward start": {"activations": layers_saved + head_saved, "gradients": 0,
                            "backward temporaries": _loss_backward_transient(s), "sharding buffers": gathered},
         "last layer backward": {"activations": layers_saved + recomputed, "gradients": head_grads,
-                                "backward temporaries": _layer_backward_transient(s), "dequantization workspace": workspace,
-                                "sharding buffers": gathered},
+                                "backward temporaries": _layer_backward_transient(s),
+                                "dequantization workspace": workspace, "sharding buffers": gathered},
         "first layer backward": {"activations": first_layer_saved,
                                  "gradients": gradients - layer_grads - embedding_grads,
                                  "backward temporaries": _layer_backward_transient(s),
