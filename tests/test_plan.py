@@ -253,6 +253,18 @@ def test_verdicts_of_known_cases():
     assert plan("llama-2-7b", method="qlora", seq=512, batch=1).verdicts["24GB"] == "fits"
 
 
+def test_paged_state_gives_a_fits_with_paging_verdict():
+    # Full fine-tuning of a 7B with paged 32-bit AdamW: 8 bytes of state a parameter (50 GiB) that the driver may page
+    # to host memory; weights and gradients (25 GiB) alone fit 48 GB, everything fits 80 GB.
+    p = plan("llama-2-7b", method="full", optimizer="paged_adamw", seq=512)
+    shape = PRESETS["llama-2-7b"]
+    assert p.paged_bytes == p.breakdown["optimizer state"] == 8 * shape.parameter_count()
+    assert p.verdicts == {"24GB": "does not fit", "48GB": "fits with paging", "80GB": "fits", "141GB": "fits"}
+    assert not p.fits(GPU_SIZES["48GB"]) and p.fits(GPU_SIZES["80GB"])
+    unpaged = plan("llama-2-7b", method="full", optimizer="adamw", dtype="float32", seq=512)
+    assert unpaged.paged_bytes == 0 and "fits with paging" not in unpaged.verdicts.values()
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="method"):
         plan("llama-2-7b", method="dora")
