@@ -31,11 +31,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(model), pad_token="t1", eos_token="t2")
 
 
-def sft_trainer(model, tmp_path, peft_config=None, callbacks=None):
+def sft_trainer(model, tmp_path, peft_config=None, callbacks=None, bf16=False):
     rows = torch.randint(3, LLAMA["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
     args = trl.SFTConfig(
         output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-3,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        bf16=bf16,  # True: accelerate's bf16 autocast around the forward
     )
     torch.manual_seed(0)  # LoRA A's initialisation, drawn when SFTTrainer applies peft_config
     with warnings.catch_warnings():
@@ -50,18 +51,24 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_sft_trainer_with_peft_config_trains_fused_through_the_callback(checkpoint, tmp_path):
+@pytest.mark.parametrize("bf16", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        raises=RuntimeError, strict=False,
+        reason="qlora_kernels/cpu_kernels.py's fused linear fails under CPU bf16 autocast for M > GEMV_MAX_ROWS "
+               "(its float32 addmm_ gets bf16 operands): reported with issue 16; remove this mark once fixed")),
+])
+def test_sft_trainer_with_peft_config_trains_fused_through_the_callback(checkpoint, tmp_path, bf16):
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
-    stock = sft_trainer(load_in_4bit(checkpoint), tmp_path / "stock", LoraConfig(**lora))
-    stock.train()
-
     base = load_in_4bit(checkpoint)
     # The mistake the issue saw: patching before the trainer adds the adapters patches nothing, loudly.
     with pytest.warns(UserWarning, match="no peft LoRA layer.*SFTTrainer.*QLoRAKernelsCallback"):
         qk.patch_peft_model(base)
     callback = QLoRAKernelsCallback()
-    ours = sft_trainer(base, tmp_path / "ours", LoraConfig(**lora), callbacks=[callback])
+    ours = sft_trainer(base, tmp_path / "ours", LoraConfig(**lora), callbacks=[callback], bf16=bf16)
     ours.train()
+    stock = sft_trainer(load_in_4bit(checkpoint), tmp_path / "stock", LoraConfig(**lora), bf16=bf16)
+    stock.train()
     assert callback.patched == NUM_LORA
     counts = qk_peft.lora_call_counts(ours.model)
     # SFTConfig turns on gradient checkpointing: every LoRA layer runs twice per step.
