@@ -55,6 +55,7 @@ class Case:
     case: str = ""
     cuda_graph: bool = False  # capture the call in a CUDA graph (small M: launch overhead dominates)
     min_runs: Optional[int] = None  # timed runs at least (None: the harness's default for the device)
+    cap_s: Optional[float] = None  # this case's time cap (None: the run's per-case cap)
     est_s: float = 2.0
     modelled_us: Optional[float] = None  # a static model's prediction (GPU runs), never a measurement
     planned_mem_mb: Optional[float] = None  # the memory planner's prediction of the peak (train_step)
@@ -437,7 +438,8 @@ def run(cases: Iterable[Case], device: torch.device, quick: bool, progress: bool
                 results.interrupted = f"run budget of {run_budget_s:g} s spent; {len(cases) - i} cases skipped"
                 break
             bar.show(case.name)
-            run_case(case, device, results, budget, cap_s=case_cap_s, min_runs=case.min_runs or min_runs)
+            cap = case_cap_s if case.cap_s is None or not case_cap_s else case.cap_s
+            run_case(case, device, results, budget, cap_s=cap, min_runs=case.min_runs or min_runs)
             bar.step()
             if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_every_s:
                 results.wall_s = time.perf_counter() - start
