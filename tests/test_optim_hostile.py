@@ -152,6 +152,21 @@ def test_duplicate_parameters_are_refused():
     assert len(optimizer.param_groups) == 1
 
 
+def test_parameters_sharing_memory_are_refused_at_step():
+    base = torch.randn(600)
+    first, second = torch.nn.Parameter(base[:400]), torch.nn.Parameter(base[300:])  # overlapping views
+    disjoint = torch.nn.Parameter(torch.randn(1000)[500:])  # a view of another tensor: fine
+    optimizer = PagedAdamW8bit([disjoint, first, second], min_8bit_size=100)
+    for p in (first, second, disjoint):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"params\[1\] and params\[2\].*share memory"):
+        optimizer.step()
+    assert not optimizer.state and torch.equal(base[:400], first)
+    second.grad = None
+    optimizer.step()  # one of them at a time is fine
+    assert set(optimizer.state) == {first, disjoint}
+
+
 # ------------------------------------------------------------------------------------------ loaded statistics
 
 

@@ -129,6 +129,19 @@ def test_import_without_the_extension_and_a_clear_error_when_an_optimizer_needs_
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def test_an_extension_path_that_does_not_load_is_an_error_not_a_fallback(tmp_path):
+    """QLORA_KERNELS_EXTENSION (make test-asan's sanitizer build) must be the build that runs: a bad path raises
+    instead of quietly loading the installed one."""
+    not_a_library = tmp_path / "_C.so"
+    not_a_library.write_text("not an ELF file")
+    for path in (str(tmp_path / "missing.so"), str(not_a_library)):
+        env = {**os.environ, "QLORA_KERNELS_EXTENSION": path}
+        result = subprocess.run([sys.executable, "-c", "import qlora_kernels"], capture_output=True, text=True,
+                                cwd=ROOT, env=env, timeout=300)
+        assert result.returncode != 0 and "ImportError" in result.stderr, result.stderr[-2000:]
+        assert "QLORA_KERNELS_EXTENSION" in result.stderr or path in result.stderr, result.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------------- GPU
 
 

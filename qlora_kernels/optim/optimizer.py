@@ -116,6 +116,23 @@ def _check_betas(betas: Any, group_index: Optional[int] = None) -> tuple[float, 
     return checked[0], checked[1]
 
 
+def _check_no_shared_memory(group_index: int, group: dict, with_grad: list) -> None:
+    """Refuse two contiguous parameters of one step whose memory overlaps (views of one tensor): the fused kernel
+    would update the shared elements from two threads at once. (Non-contiguous ones are updated through copies.)"""
+    index_of = {id(p): i for i, p in enumerate(group["params"])}
+    spans = sorted(
+        (local_p.data_ptr(), local_p.data_ptr() + local_p.numel() * local_p.element_size(), index_of[id(p)])
+        for p, local_p, _ in with_grad
+        if local_p.numel() > 0 and local_p.is_contiguous()
+    )
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(
+                f"params[{first}] and params[{second}] of param group {group_index} share memory (views of one "
+                "tensor); the fused step would update the shared elements twice at once"
+            )
+
+
 class PagedOptimizer(torch.optim.Optimizer):
     """Common machinery of :class:`PagedAdamW`, :class:`PagedAdamW8bit`, :class:`PagedLion8bit` (not used directly).
 
@@ -378,6 +395,7 @@ class PagedOptimizer(torch.optim.Optimizer):
         if not with_grad:
             return
         _check_cuda_kernels(device)
+        _check_no_shared_memory(group_index, group, with_grad)
 
         params, grads, steps = [], [], []
         moments: dict[str, list[torch.Tensor]] = {name: [] for name in self.moment_names}
