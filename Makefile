@@ -38,3 +38,22 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info qlora_kernels/_C*.so
+
+# The optimizer/paged-memory tests against an AddressSanitizer + UBSan build of the extension's CPU code, built by
+# tests/build_asan_extension.py into build/asan (the normal in-tree qlora_kernels/_C*.so is not touched) and loaded
+# through QLORA_KERNELS_EXTENSION. python is not instrumented, so the ASan runtime is preloaded; leak checking is off
+# (the interpreter keeps its allocations at exit). Two loader tests are left out: extension_first loads the in-tree
+# build by path, import_without_the_extension hides the installed one; neither is about memory safety.
+# libstdc++ is preloaded too: python does not link it, and ASan's __cxa_throw interceptor must find it at start-up
+# (else its first C++ exception, inside torch, aborts with "real___cxa_throw != 0").
+ASAN_DIR := build/asan
+ASAN_CXX ?= c++
+ASAN_TESTS := tests/test_optim_paged.py tests/test_paged_memory.py tests/test_optim_hostile.py
+
+.PHONY: test-asan
+test-asan: $(STAMP)
+	$(PY) tests/build_asan_extension.py $(ASAN_DIR)
+	QLORA_KERNELS_EXTENSION=$(ASAN_DIR)/_C.so \
+		LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$($(ASAN_CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS) -k "not extension_first and not import_without_the_extension" $(TEST_ARGS)
