@@ -57,3 +57,24 @@ test-asan: $(STAMP)
 		LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$($(ASAN_CXX) -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		$(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS) -k "not extension_first and not import_without_the_extension" $(TEST_ARGS)
+
+# The Triton 3.6 leg (the H200's Triton; CI and this venv run 3.9): a second venv with torch 2.13 (CPU) and
+# triton==3.6.0, the package installed editable without building the extension (the NF4/linear kernels and their
+# tests do not need qlora_kernels._C). Runs the sm_90 compile check of every kernel under 3.6 (through
+# tests/test_sm90_compile.py) and the kernels' interpreter tests.
+VENV36 := .venv-triton36
+PY36 := $(VENV36)/bin/python
+STAMP36 := $(VENV36)/.qlora-kernels-installed
+TRITON36_TESTS := tests/test_sm90_compile.py tests/test_nf4_api.py tests/test_nf4_bnb.py tests/test_nf4_format.py \
+	tests/test_lora_linear.py tests/test_int64_offsets.py tests/test_sass_model.py
+
+$(STAMP36): requirements-triton36.txt setup.py pyproject.toml
+	test -x $(PY36) || $(PYTHON_SYS) -m venv $(VENV36)
+	$(PY36) -m pip install --quiet -r requirements-triton36.txt
+	QLORA_KERNELS_NO_EXTENSION=1 $(PY36) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP36)
+
+.PHONY: test-triton36
+test-triton36: $(STAMP36)
+	$(PY36) -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	$(PY36) -m pytest -q $(TRITON36_TESTS)

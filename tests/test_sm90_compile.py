@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+
+from qlora_kernels.triton_kernels import sass_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +41,24 @@ def test_every_configuration_compiles_for_sm90(report):
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout[-4000:]
     families = {r["family"] for r in results}
-    assert families == {"fwd_large_m", "fwd_small_m", "bwd_dx_large_m", "bwd_dx_small_m", "rows", "cols"}
+    assert families == {
+        "fwd_large_m", "fwd_small_m", "bwd_dx_large_m", "bwd_dx_small_m", "rows", "cols",
+        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize",
+    }
+
+
+def test_every_triton_kernel_of_the_package_is_compiled(report):
+    # Found in the sources, independently of compile_check's own list: every ``@triton.jit def *_kernel``.
+    _, results = report
+    kernels = set()
+    folder = os.path.join(ROOT, "triton_kernels")
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                kernels |= set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", f.read()))
+    assert len(kernels) >= 7, kernels
+    compiled = {r["kernel"] for r in results if r["ok"]}
+    assert kernels <= compiled, sorted(kernels - compiled)
 
 
 def _half(results):
@@ -70,6 +90,70 @@ def test_no_register_spills(report):
 
 def test_packed_bytes_arrive_in_16_byte_copies(report):
     _, results = report
-    aligned = [r for r in results if r["family"] not in ("rows", "cols") and "unaligned" not in r["name"]]
+    aligned = [r for r in results if r["family"].startswith(("fwd", "bwd_dx")) and "unaligned" not in r["name"]]
     narrow = [f"{r['name']}: {r['packed_contiguity']}" for r in aligned if r["packed_contiguity"] != 16]
     assert aligned and not narrow, "\n".join(narrow)
+
+
+# ------------------------------------------------------------------------------------------------ the static model
+# Issue 11's thresholds, on the model of this very compile (triton_kernels/sass_model.py): a model, not a timing.
+
+
+@pytest.fixture(scope="module")
+def model(report):
+    return sass_model.build(report[1])
+
+
+def test_model_finds_a_main_loop_with_mma_in_every_gemm(model):
+    gemms = [c for c in model["configs"] if c["family"].startswith(("fwd", "bwd_dx")) and "fp32" not in c["name"]]
+    assert gemms
+    bad = [c["name"] for c in gemms if c["main_loop"]["scope"] != "loop" or c["main_loop"]["mma"] == 0]
+    assert not bad, bad
+    for c in model["configs"]:
+        assert c["main_loop"]["instructions"] > 0 and c["figures"]["lane_instr_per_element"] > 0, c["name"]
+
+
+def _chosen(model, kind, M):
+    return [(s, s[kind]["chosen"]) for s in model["shapes"] if s["M"] == M]
+
+
+def _config(model, name):
+    return next(c for c in model["configs"] if c["name"] == name)
+
+
+DECODE_GOAL = pytest.mark.xfail(
+    strict=True, reason="issue 11: the decode loop is not rebuilt yet (codebook gathers staged through shared memory)"
+)
+LARGE_M_GOAL = pytest.mark.xfail(strict=True, reason="issue 11: no large-M candidate decodes cheaply enough yet")
+
+
+@DECODE_GOAL
+@pytest.mark.parametrize("kind", ["fwd", "dx"])
+def test_decode_spends_at_most_4_lane_instructions_per_weight(model, kind):
+    for M in sass_model.DECODE_M:
+        for shape, chosen in _chosen(model, kind, M):
+            c = _config(model, chosen["name"])["figures"]["lane_instr_per_element"]
+            assert c <= 4.0, f"{kind} M={M} N={shape['N']}: {chosen['name']}: {c:.2f} lane-instructions per weight"
+
+
+@DECODE_GOAL
+@pytest.mark.parametrize("N", [4096, 14336])
+def test_decode_at_m1_is_modelled_at_80_percent_of_hbm(model, N):
+    shape, chosen = next((s, b) for s, b in _chosen(model, "fwd", 1) if s["N"] == N)
+    floor = 0.8 * model["machine"]["hbm_bytes_per_s"]
+    assert chosen["nf4_bytes_per_s"] >= floor, f"{chosen['name']}: {chosen['nf4_bytes_per_s'] / 1e12:.2f} TB/s"
+
+
+@DECODE_GOAL
+@pytest.mark.parametrize("kind", ["fwd", "dx"])
+def test_decode_launches_enough_programs_for_132_sms(model, kind):
+    for shape, chosen in _chosen(model, kind, 1):
+        assert chosen["programs"] >= model["machine"]["sms"], (shape["N"], chosen["name"], chosen["programs"])
+
+
+@LARGE_M_GOAL
+@pytest.mark.parametrize("family", ["fwd_large_m", "bwd_dx_large_m"])
+def test_a_large_m_candidate_issues_within_90_percent_of_its_tensor_time(model, family):
+    ratios = {c["name"]: c["figures"]["issue_over_tensor"] for c in model["configs"]
+              if c["family"] == family and c["variant"] == sass_model.MAIN_VARIANT}
+    assert ratios and min(ratios.values()) <= 0.9, ratios

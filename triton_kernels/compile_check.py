@@ -1,15 +1,18 @@
-"""Compile every fused NF4 + LoRA kernel configuration for Hopper (sm_90) without a GPU, and look at the result.
+"""Compile every Triton kernel configuration of the package for Hopper (sm_90) without a GPU, and look at the result.
 
     python -m qlora_kernels.triton_kernels.compile_check [--quick] [--json FILE] [--filter TEXT]
 
-For each kernel × configuration × feature variant: ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` from the
+Every ``@triton.jit`` kernel of ``triton_kernels/`` is covered (the fused linear's GEMMs and thin passes, NF4
+quantize, double quantization and dequantize); a kernel without a case is reported as a problem. For each kernel ×
+configuration × feature variant: ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` from the
 kernel's AST with the argument specialisation a real launch would get (16-byte-aligned pointers, strides that are
 multiples of 16, unit strides as constants), then the PTX (``wgmma`` = Hopper's asynchronous tensor-core MMA, or
 the older ``mma.sync``) and the SASS of the cubin (Triton ships ``cuobjdump``/``nvdisasm``): registers, local-memory
 spills (``LDL``/``STL``), the global loads and copies (128-bit ones, cp.async), shared memory, whether the packed
 NF4 bytes arrive in 16-byte copies ("nf4B") and whether a wgmma stays in flight while the next tile is decoded
-("ovl"). Exit status 1 when a configuration fails to compile, overflows shared memory, or is a large-M GEMM
-configuration without ``wgmma``.
+("ovl"), and the main loop's instruction counts that ``sass_model`` turns into modelled H200 bounds. Exit status 1
+when a kernel has no case, or a configuration fails to compile, spills registers (float32 inputs aside), overflows
+shared memory, or is a large-M GEMM configuration without ``wgmma``.
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the kernels' compiled form); DESIGN.md, "Looking
 at GPU code without a GPU".
@@ -36,9 +39,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 from . import lora_linear_gemm as gemm  # noqa: E402
 from . import lora_linear_thin as thin  # noqa: E402
+from . import nf4  # noqa: E402
+from . import sass_model  # noqa: E402
 
 try:  # the specialisation rule a launch applies to each argument (Triton ≥ 3.3)
     from triton._C.libtriton import native_specialize_impl as _specialize_impl
@@ -54,7 +60,7 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 class Case:
     """One compilation: a kernel, sample arguments standing for a realistic launch, constexprs and options."""
 
-    family: str  # fwd_large_m | fwd_small_m | bwd_dx_large_m | bwd_dx_small_m | rows | cols
+    family: str  # fwd_large_m | fwd_small_m | bwd_dx_large_m | bwd_dx_small_m | rows | cols | nf4_*
     variant: str
     kernel: Any
     args: dict[str, Any]
@@ -64,7 +70,9 @@ class Case:
 
     @property
     def name(self) -> str:
-        cfg = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k == "SWAP_AB")
+        cfg = ",".join(
+            f"{k}={v}" for k, v in self.constexprs.items() if k.startswith(("BLOCK", "BYTES")) or k == "SWAP_AB"
+        )
         return f"{self.family}[{self.variant}] {cfg} w{self.options['num_warps']}s{self.options['num_stages']}"
 
 
@@ -203,9 +211,68 @@ def _thin_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _nf4_cases(quick: bool) -> list[Case]:
+    """The NF4 quantize, double-quantization and dequantize kernels, with the launchers' GPU configurations."""
+    t = _tensor
+    numel = 14336 * 4096
+    cases = []
+    blocksizes = [64] if quick else [64, 32, 256]
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    for blocksize in blocksizes:
+        for dtype in dtypes if blocksize == 64 else [torch.bfloat16]:
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+            cases.append(Case(
+                "nf4_quantize", f"{name},bs={blocksize}", nf4._quantize_nf4_kernel,
+                {"w_ptr": t(dtype), "packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.float32),
+                 "midpoints_ptr": t(torch.float32), "numel": numel},
+                {"BLOCKSIZE": blocksize, "BLOCKS_PER_PROGRAM": nf4._quantize_config(blocksize)},
+                {"num_warps": 4, "num_stages": 3}, False,
+            ))
+            for double_quant in (True, False):
+                cases.append(Case(
+                    "nf4_dequantize", f"{name},bs={blocksize},{'dq' if double_quant else 'plain'}",
+                    nf4._dequantize_nf4_kernel,
+                    {"packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.uint8 if double_quant else torch.float32),
+                     "nested_absmax_ptr": t(torch.float32), "offset_ptr": t(torch.float32),
+                     "code_ptr": t(torch.float32), "nested_code_ptr": t(torch.float32), "out_ptr": t(dtype),
+                     "numel": numel},
+                    {"BLOCKSIZE": blocksize, "BYTES_PER_PROGRAM": nf4._dequantize_config(),
+                     "HAS_DOUBLE_QUANT": double_quant, "NESTED": nf4._NESTED},
+                    {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}, False,
+                ))
+    cases.append(Case(
+        "nf4_absmax_8bit", "fp32", nf4._quantize_absmax_8bit_kernel,
+        {"absmax_ptr": t(torch.float32), "offset_ptr": t(torch.float32), "midpoints_ptr": t(torch.float32),
+         "codes_ptr": t(torch.uint8), "nested_absmax_ptr": t(torch.float32), "nblocks": numel // 64},
+        {"NESTED": nf4._NESTED}, {"num_warps": 4, "num_stages": 3}, False,
+    ))
+    return cases
+
+
 def cases(quick: bool = False) -> list[Case]:
-    """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family)."""
-    return _gemm_cases(quick) + _thin_cases(quick)
+    """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family,
+    one variant of the others)."""
+    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick)
+
+
+KERNEL_MODULES = (gemm, thin, nf4)
+
+
+def package_kernels() -> dict[str, Any]:
+    """Every launchable ``@triton.jit`` kernel of the package (named ``*_kernel``; the other jit functions are
+    device helpers inlined into these), by qualified name. The check must compile each of them."""
+    found = {}
+    for module in KERNEL_MODULES:
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction) and attr.endswith("_kernel"):
+                found[f"{module.__name__.rsplit('.', 1)[-1]}.{attr}"] = value
+    return found
+
+
+def uncovered_kernels(all_cases: list[Case]) -> list[str]:
+    """Names of package kernels that no case compiles."""
+    compiled = {id(c.kernel) for c in all_cases}
+    return sorted(name for name, fn in package_kernels().items() if id(fn) not in compiled)
 
 
 def _cuobjdump(flag: str, path: str) -> str:
@@ -222,6 +289,7 @@ def _sass_stats(cubin: bytes) -> dict[str, Any]:
     loads = re.findall(r"\bLDG\.E(?:\.[A-Z0-9_]+)*", sass)
     widths = [int(m.group(1)) for m in (re.search(r"\.(128|64)\b", ld) for ld in loads) if m]
     return {
+        "main_loop": sass_model.loop_stats(sass),
         "registers": int(regs.group(1)) if regs else None,
         "stack_bytes": int(stack.group(1)) if stack else None,
         "spill_insts": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
@@ -253,7 +321,12 @@ def _wgmma_overlaps(ttgir: str) -> bool:
 def compile_case(case: Case) -> dict[str, Any]:
     """Compile one case for sm_90; a dict with the outcome and the PTX/SASS facts."""
     start = time.time()
-    result: dict[str, Any] = {"name": case.name, "family": case.family, "needs_wgmma": case.needs_wgmma}
+    result: dict[str, Any] = {
+        "name": case.name, "family": case.family, "variant": case.variant, "needs_wgmma": case.needs_wgmma,
+        "kernel": case.kernel.__name__,
+        "constexprs": case.constexprs, "num_warps": case.options["num_warps"],
+        "num_stages": case.options["num_stages"], "triton": triton.__version__,
+    }
     try:
         signature, attrs = _signature(case.kernel, case.args, case.constexprs)
         constexprs = {k: v for k, v in case.args.items() if signature.get(k) == "constexpr"}
@@ -282,11 +355,16 @@ def _compile_nth(job: tuple[bool, int]) -> dict[str, Any]:
     return compile_case(cases(quick)[index])
 
 
-def _problems(results: list[dict[str, Any]]) -> list[str]:
-    problems = [f"{r['name']}: does not compile: {r['error']}" for r in results if not r["ok"]]
+def _problems(results: list[dict[str, Any]], all_cases: list[Case]) -> list[str]:
+    problems = [f"{name}: no case of the check compiles this kernel" for name in uncovered_kernels(all_cases)]
+    problems += [f"{r['name']}: does not compile: {r['error']}" for r in results if not r["ok"]]
     problems += [
         f"{r['name']}: no wgmma in the PTX"
         for r in results if r["ok"] and r["needs_wgmma"] and not r["wgmma"] and "fp32" not in r["name"]
+    ]
+    problems += [  # float32 inputs take the exact CUDA-core path: a correctness path, allowed to spill
+        f"{r['name']}: {r['spill_insts']} register-spill instructions (LDL/STL)"
+        for r in results if r["ok"] and r["spill_insts"] and "fp32" not in r["name"]
     ]
     problems += [
         f"{r['name']}: {r['shared_bytes']} bytes of shared memory > {HOPPER_MAX_SHARED}"
@@ -325,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['packed_contiguity'] or '-':>4} {r['ldg_128']:>6} {r['ldg_total']:>4} {r['ldgsts_128']:>5} "
             f"{r['ldgsts']:>4} {r['shared_bytes']:>6} {r['seconds']:>5}"
         )
-    problems = _problems(results)
+    problems = _problems(results, cases(args.quick))
     for p in problems:
         print("PROBLEM:", p)
     if args.json:

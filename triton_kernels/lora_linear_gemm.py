@@ -72,7 +72,13 @@ _SMALL_M = [
 ]
 _FWD_SMALL_M = _SMALL_M + [(16, 64, 128, 4, 4, False)]
 # 16,128,128 swapped spills registers in the dX kernel under Triton 3.6 (not under 3.9): left out there.
-_DX_SMALL_M = [row for row in _SMALL_M if row != (16, 128, 128, 4, 3, True)]
+# Narrow dX output tiles (BLOCK_K = 32, still 16-byte rows of packed bytes): 128 programs at K = 4096 where
+# BLOCK_K = 256 gives 16 (the static model, sass_model.py, puts those at ~40 µs against a ~2 µs memory floor).
+# (2 warps at 16×128×32: 4 warps spill under Triton 3.9; 16×64×32 loses the 16-byte copies of packed bytes.)
+_DX_SMALL_M = [row for row in _SMALL_M if row != (16, 128, 128, 4, 3, True)] + [
+    (16, 128, 32, 2, 3, False),
+    (16, 256, 32, 4, 3, False),
+]
 
 
 def autotuning_enabled() -> bool:

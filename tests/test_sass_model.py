@@ -1,0 +1,117 @@
+"""The static H200 model (triton_kernels/sass_model.py): SASS parsing, main-loop counting, bounds, the committed model.
+
+Thresholds on real kernels are asserted in tests/test_sm90_compile.py, on the compile check's fresh output; here the
+model's arithmetic is checked on hand-written SASS, and ``modelled_time_us`` on the committed model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from qlora_kernels.triton_kernels import sass_model as sm
+
+# A kernel with a set-up loop (no MMA) and a main loop with two HGMMA (one with its A operand in registers).
+SASS = """
+        Function : _some_kernel
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   IADD3 R2, R0, 0x1, RZ ;
+        /*0030*/               @P0 BRA 0x20 ;
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0050*/                   LDS.U8 R8, [R9] ;
+        /*0060*/                   LDS.64 R10, [R9+0x10] ;
+        /*0070*/                   LOP3.LUT R12, R8, 0xf, RZ, 0xc0, !PT ;
+        /*0080*/                   FMUL R13, R12, R14 ;
+        /*0090*/                   F2FP.BF16.F32.PACK_AB R15, R13, R13 ;
+        /*00a0*/                   HGMMA.64x64x16.F32.BF16 R24, R64, gdesc[UR8], R24 ;
+        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+        /*00c0*/                   UIADD3 UR4, UR4, 0x40, URZ ;
+        /*00d0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00e0*/              @!P1 BRA 0x40 ;
+        /*00f0*/                   STG.E.U16 desc[UR4][R2.64], R15 ;
+        /*0100*/                   EXIT ;
+        /*0110*/                   BRA 0x110;
+"""
+
+
+def test_parser_reads_every_instruction_and_finds_the_loops():
+    instrs = sm.parse_sass(SASS)
+    assert [i.opcode for i in instrs][:4] == ["MOV", "S2R", "IADD3", "BRA"]
+    assert len(instrs) == 18
+    # (0x20 .. 0x30) and (0x40 .. 0xe0); "BRA 0x110" to itself is the end-of-kernel trap, not a loop.
+    assert sm.loops(instrs) == [(2, 3), (4, 14)]
+
+
+def test_main_loop_is_the_loop_with_the_mma_and_is_counted_by_class():
+    st = sm.loop_stats(SASS)
+    assert st["scope"] == "loop" and st["loop_first_address"] == 0x40
+    assert st["instructions"] == 11 and st["mma"] == 2 and st["non_mma"] == 9
+    by = st["by_class"]
+    assert (by["global_load"], by["shared_load"], by["integer"], by["fp"], by["convert"]) == (1, 2, 1, 1, 1)
+    assert (by["uniform"], by["sync"], by["branch"]) == (1, 1, 1)
+    # LDS.U8 moves 32 bytes a warp, LDS.64 256; HGMMA 64x64x16: B = 64·16·2 bytes, A (second one only) the same,
+    # a warp's quarter of the warpgroup's.
+    assert st["shared_bytes_per_warp"] == 32 + 256 + (2048 // 4) + (4096 // 4)
+
+
+def test_loopless_kernel_is_counted_whole():
+    st = sm.loop_stats("""
+        /*0000*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0010*/                   FMUL R3, R2, R2 ;
+        /*0020*/                   STG.E desc[UR4][R4.64], R3 ;
+        /*0030*/                   EXIT ;
+        /*0040*/                   NOP ;
+""")
+    assert st["scope"] == "kernel" and st["instructions"] == 4 and st["loops"] == 0
+
+
+def _result(non_mma: int, mma: int, bm: int, bn: int, bk: int, warps: int, family: str = "fwd_large_m") -> dict:
+    return {"family": family, "num_warps": warps, "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 0}}
+
+
+def test_closed_form_of_issue_over_tensor():
+    # The issue's forward figure: 376 non-MMA instructions a warp, 8 warps, 128x128x64 -> 11.75 lane-instructions
+    # per weight and issue / tensor = 16 · c / 128 rows = 1.47.
+    fig = sm.per_iteration(_result(376, 32, 128, 128, 64, 8))
+    assert fig["lane_instr_per_element"] == pytest.approx(11.75)
+    assert fig["tensor_clocks"] == 512
+    assert fig["issue_over_tensor"] == pytest.approx(16 * 11.75 / 128)
+
+
+def test_bounds_take_waves_and_bytes_into_account():
+    r = _result(100, 16, 128, 128, 64, 8)
+    b = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
+    programs = 32 * 32
+    assert b["programs"] == programs and b["iterations"] == 64
+    per_sm = math.ceil(programs / 132)
+    assert b["tensor_us"] == pytest.approx(per_sm * 64 * 512 / 1.98e9 * 1e6)
+    assert b["issue_us"] == pytest.approx(per_sm * 64 * 200 / 1.98e9 * 1e6)
+    nbytes = sm.gemm_bytes("fwd", 4096, 4096, 4096, 16)
+    assert nbytes > 4096 * 4096 // 2 + 2 * 2 * 4096 * 4096
+    assert b["memory_us"] == pytest.approx(nbytes / 4.3e12 * 1e6)
+    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["memory_us"])
+    # Split-K: programs multiply, iterations divide.
+    r["constexprs"]["SPLIT_K"] = 4
+    b4 = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
+    assert b4["programs"] == 4 * programs and b4["iterations"] == 16
+
+
+def test_modelled_time_from_the_committed_model():
+    model = sm._committed_model()
+    assert model is not None, "triton_kernels/sass_model.json is missing: python -m qlora_kernels.triton_kernels.sass_model --json ..."
+    assert model["triton"].startswith("3.6")
+    for kind in ("fwd", "fwd_bwd"):
+        for M in (1, 16, 4096):
+            t = sm.modelled_time_us(kind, M, 4096, 4096, 16)
+            assert t is not None and t > 0
+    # Larger problems take longer; the backward adds to the forward; the floor is the weight's bytes.
+    assert sm.modelled_time_us("fwd", 4096, 14336, 4096, 16) > sm.modelled_time_us("fwd", 4096, 4096, 4096, 16)
+    assert sm.modelled_time_us("fwd_bwd", 4096, 4096, 4096, 16) > sm.modelled_time_us("fwd", 4096, 4096, 4096, 16)
+    assert sm.modelled_time_us("fwd", 1, 4096, 4096, 16) >= 4096 * 4096 / 2 / 4.3e12 * 1e6
+    assert sm.modelled_time_us("fwd", 1, 4096, 4096, 8) is None  # the model holds r = 16 only
+    assert sm.modelled_time_us("fwd", 1, 4096, 4100, 16) is None  # per-element decode path: not modelled
+    with pytest.raises(ValueError, match="kind"):
+        sm.modelled_time_us("bwd", 1, 4096, 4096, 16)
