@@ -101,7 +101,7 @@ def test_bounds_take_waves_and_bytes_into_account():
 
 def test_modelled_time_from_the_committed_model():
     model = sm._committed_model()
-    assert model is not None, "triton_kernels/sass_model.json is missing: python -m qlora_kernels.triton_kernels.sass_model --json ..."
+    assert model is not None, "no triton_kernels/sass_model.json: python -m qlora_kernels.triton_kernels.sass_model"
     assert model["triton"].startswith("3.6")
     for kind in ("fwd", "fwd_bwd"):
         for M in (1, 16, 4096):
