@@ -304,3 +304,62 @@ def test_cli_prints_writes_json_and_plot(tmp_path, capsys):
     assert main(["llama-3-8b", "--r", "0"]) == 2
     assert "r must be" in capsys.readouterr().err
     assert math.isfinite(data["full"]["total_gib"])
+
+
+# ------------------------------------------------------------------------------------------------- on a GPU
+
+GPU_MODEL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+
+GPU_CASES = [
+    # method, r, checkpointing, batch, seq (bf16, all linear layers, torch AdamW: its state is in max_memory_allocated,
+    # where a paged optimizer's unified memory is not)
+    ("full", 1, False, 4, 256),
+    ("lora", 16, True, 4, 256),
+    ("qlora", 16, False, 4, 256),
+    ("qlora", 16, True, 4, 256),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-r{c[1]}-{'ckpt' if c[2] else 'nockpt'}")
+def test_plan_matches_cuda_max_memory_allocated(case):
+    method, r, checkpointing, batch, seq = case
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**GPU_MODEL)).to(device=device, dtype=torch.bfloat16)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear"))
+    elif method == "qlora":
+        _swap_qlora_linears(model, r, TARGET_SETS["all-linear"], double_quant=True)
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    ids = torch.randint(0, GPU_MODEL["vocab_size"], (batch, seq), device=device)
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # optimizer state, autotuning, cuBLAS workspace
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated(device) - before
+    planned = plan(LlamaConfig(**GPU_MODEL), method=method, r=r, targets="all-linear", batch=batch, seq=seq,
+                   checkpointing=checkpointing, optimizer="adamw", dtype="bfloat16")
+    error = planned.total_bytes / measured - 1
+    print(f"cuda {case}: planned {planned.total_bytes} measured {measured} error {100 * error:+.1f}%")
+    assert abs(error) <= TOLERANCE
