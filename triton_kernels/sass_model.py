@@ -381,6 +381,13 @@ def modelled_time_us(kind: str, M: int, N: int, K: int, r: int, model: Optional[
 # ------------------------------------------------------------------------------------------------ the tool
 
 
+def _short(name: str) -> str:
+    # "fwd_small_m[bf16,dq,aligned] BLOCK_M=16,BLOCK_N=32,BLOCK_K=256,SWAP_AB=False,BLOCK_R=16,BLOCKSIZE=64 w4s3"
+    # -> "fwd_small_m[bf16,dq,aligned] 16x32x256 swap=False w4s3"
+    m = re.match(r"(\S+) BLOCK_M=(\d+),BLOCK_N=(\d+),BLOCK_K=(\d+),SWAP_AB=(\w+).* (w\d+s\d+)$", name)
+    return f"{m.group(1)} {m.group(2)}x{m.group(3)}x{m.group(4)} swap={m.group(5)} {m.group(6)}" if m else name
+
+
 def table(model: dict[str, Any]) -> str:
     """The model as text: per configuration, then per benchmark shape and GEMM the chosen candidate."""
     lines = [f"MODELLED, not measured: {model['machine']['name']}, {model['machine']['sms']} SMs, "
@@ -403,7 +410,7 @@ def table(model: dict[str, Any]) -> str:
             if b is None:
                 lines.append(f"{shape:<26} {kind:<4} (none)")
                 continue
-            lines.append(f"{shape:<26} {kind:<4} {b['name'][:70]:<70} {b['tensor_us']:>7.1f} {b['issue_us']:>7.1f} "
+            lines.append(f"{shape:<26} {kind:<4} {_short(b['name']):<70} {b['tensor_us']:>7.1f} {b['issue_us']:>7.1f} "
                          f"{b['memory_us']:>7.1f} {b['time_us']:>8.1f} {b['bound']:>6} "
                          f"{b['nf4_bytes_per_s'] / 1e12:>5.2f} {b['programs']:>6}")
     return "\n".join(lines)
