@@ -244,8 +244,8 @@ class FusedLoraForward:
 def _nf4_view_outside_compile(weight: Any) -> NF4Weight:
     """``NF4Weight.from_bnb(weight)``, never traced by dynamo: its checks read tensor values, and dynamo cannot trace
     bitsandbytes' Params4bit. Reached inside a compiled region only when bitsandbytes replaced the base storage after
-    patching (a move, or merge then unmerge); under ``fullgraph=True`` that is an error: patch (or call the model
-    once) again after such a change, before compiling."""
+    patching (a move, or merge then unmerge); under ``fullgraph=True`` that is an error: call patch_peft_model (or
+    the model, eagerly) again after such a change, before compiling."""
     return NF4Weight.from_bnb(weight)
 
 
@@ -290,7 +290,9 @@ def patch_peft_model(model: nn.Module, *, strict: bool = False) -> nn.Module:
     trainer given ``peft_config`` adds the adapters itself; see
     :class:`qlora_kernels.integrations.trainer.QLoRAKernelsCallback`) warns too, or raises when ``strict``.
 
-    Layers created afterwards (a new adapter on new target modules) need another call. A base that bitsandbytes
+    Layers created afterwards (a new adapter on new target modules) need another call, and so does a model about to
+    be compiled with ``fullgraph=True`` after bitsandbytes replaced a base layer's storage (a move, merge then
+    unmerge): the call rebuilds the kernels' view of that storage outside the compiled region. A base that bitsandbytes
     rewrote into its CPU inference layout (an eval-mode forward on a CPU with AVX512-BF16) is restored with
     bitsandbytes' own inverse, and kept from being rewritten again while patched (so a merge_and_unload'ed base keeps
     the standard layout too).
@@ -303,7 +305,9 @@ def patch_peft_model(model: nn.Module, *, strict: bool = False) -> nn.Module:
     for name, module in model.named_modules():
         if type(module) not in lora_classes or not _is_bnb_linear4bit(getattr(module, "base_layer", None)):
             continue
-        if _patched(module) is not None:
+        fused = _patched(module)
+        if fused is not None:
+            fused.base_weight()  # refresh the NF4 view now, outside any compiled region, if the storage changed
             patched += 1
             continue
         reason = _why_not_patchable(name, module)
