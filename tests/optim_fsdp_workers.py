@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -80,6 +81,20 @@ def run_qlora_stack(rank: int = 0, world_size: int = 1) -> dict:
     model.parameters(), the README's call, frozen 4-bit storage and frozen LayerNorms included."""
     import distributed_workers as workers
 
+    # The fused linear through the pure-torch reference: this checks the optimizer on FSDP2's parameters, not
+    # the linear's CPU kernels (tested on their own), and does not depend on how the extension was built.
+    previous = os.environ.get("QLORA_KERNELS_BACKEND")
+    os.environ["QLORA_KERNELS_BACKEND"] = "torch"
+    try:
+        return _run_qlora_stack(workers, rank, world_size)
+    finally:
+        if previous is None:
+            del os.environ["QLORA_KERNELS_BACKEND"]
+        else:
+            os.environ["QLORA_KERNELS_BACKEND"] = previous
+
+
+def _run_qlora_stack(workers, rank: int, world_size: int) -> dict:
     model = workers.make_stack()
     x = workers.stack_batch()
     if world_size > 1:
