@@ -49,6 +49,7 @@ clean:
 ASAN_DIR := build/asan
 ASAN_CXX ?= c++
 ASAN_TESTS := tests/test_optim_paged.py tests/test_paged_memory.py tests/test_optim_hostile.py
+ASAN_DESELECT := not extension_first and not import_without_the_extension
 
 .PHONY: test-asan
 test-asan: $(STAMP)
@@ -56,7 +57,7 @@ test-asan: $(STAMP)
 	QLORA_KERNELS_EXTENSION=$(ASAN_DIR)/_C.so \
 		LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$($(ASAN_CXX) -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-		$(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS) -k "not extension_first and not import_without_the_extension" $(TEST_ARGS)
+		$(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS) -k "$(ASAN_DESELECT)" $(TEST_ARGS)
 
 # The Triton 3.6 leg (the H200's Triton; CI and this venv run 3.9): a second venv with torch 2.13 (CPU) and
 # triton==3.6.0, the package installed editable without building the extension (the NF4/linear kernels and their

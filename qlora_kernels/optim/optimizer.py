@@ -98,7 +98,9 @@ def _check_number(name: str, value: Any, group_index: Optional[int] = None) -> f
     if not math.isfinite(value) or value < 0.0:
         raise ValueError(f"{name} must be a finite number >= 0{where}, got {value}")
     if value > FLOAT32_MAX:
-        raise ValueError(f"{name} must be at most {FLOAT32_MAX:.6g} (the kernels compute in float32){where}, got {value}")
+        raise ValueError(
+            f"{name} must be at most {FLOAT32_MAX:.6g} (the kernels compute in float32){where}, got {value}"
+        )
     return value
 
 
