@@ -254,7 +254,9 @@ def plot(results: dict, path: str) -> bool:
         return False
     ups = speedups(results)
     ops = sorted({key[0] for key in ups})
-    title = (f"{results['device']} · plan {results.get('plan') or '?'} · commit {(results.get('commit') or '?')[:12]}"
+    commit = results.get("commit") or "?"
+    commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    title = (f"{results['device']} · plan {results.get('plan') or '?'} · commit {commit}"
              + (" · cut short" if results.get("interrupted") else ""))
     fig, axes = plt.subplots(max(1, len(ops)), 1, figsize=(12, 3.2 * max(1, len(ops)) + 0.6), squeeze=False)
     if not ops:
@@ -277,7 +279,7 @@ def plot(results: dict, path: str) -> bool:
         if impls:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the first plot
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
