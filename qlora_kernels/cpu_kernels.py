@@ -28,8 +28,8 @@ import torch
 from . import _extension, reference
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to this many rows of x, the forward runs the fused decode-GEMV; above it, dequantized tiles feed BLAS
-# (measured on a 2-core AVX2 machine, 4096 x 4096: the two cross near M = 8).
+# Up to this many rows of x, the forward runs the fused decode-GEMV; above it, dequantized tiles feed BLAS. Not
+# tuned yet: the crossover was not measured reliably on the shared 2-core machine this was written on.
 GEMV_MAX_ROWS = 8
 # Elements of W per dequantized tile and thread: 2 MiB of float32, resident in the cache while BLAS reads it.
 TILE_ELEMENTS = 1 << 19
