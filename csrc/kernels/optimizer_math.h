@@ -115,19 +115,20 @@ QK_HOST_DEVICE float sign_propagating_nan(float x) {
   return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x == 0.0f ? 0.0f : x));
 }
 
-// x - x is 0 for every finite x and NaN for +-inf and NaN (no fast-math here, so this is not folded away).
-QK_HOST_DEVICE bool is_finite(float x) { return x - x == 0.0f; }
+// The largest finite float32, and a clamp into [-kFloatMax, kFloatMax] that leaves NaN as NaN.
+constexpr float kFloatMax = 3.4028234663852886e38f;
+QK_HOST_DEVICE float clamp_to_float_range(float x) { return x > kFloatMax ? kFloatMax : (x < -kFloatMax ? -kFloatMax : x); }
 
-// Lion: returns the new parameter and updates m in place. A non-finite gradient element counts as NaN: sign()
-// would turn +-inf into a finite +-lr step and leave m = +-inf steering that element for ever (an overflow that
-// looks like healthy training), and on 8-bit state an infinite absmax would decode the block's zero codes to NaN
-// and flip the infinite element's sign. As NaN it makes the parameter NaN at once, as AdamW does.
+// Lion: returns the new parameter and updates m in place. An infinite gradient element is what Lion's sign() is
+// made for: its parameter takes the finite +-lr step, as bitsandbytes' Lion and Lion8bit do, and its momentum is
+// kept at the float32 limit instead of +-inf, so that on 8-bit state the block's absmax stays finite (an infinite
+// absmax would decode the block's zero codes to NaN and poison 256 parameters for good). A NaN gradient element
+// stays NaN (its parameter becomes NaN, as under AdamW).
 QK_HOST_DEVICE float lion_step(float p, float& m, float g, float lr, const GroupHyperParams& h) {
-  if (!is_finite(g)) g = g - g;  // NaN for +-inf (and NaN stays NaN), without a NaN constant on the device
   const float direction = sign_propagating_nan(h.beta1 * m + h.one_minus_beta1 * g);
   p = p * h.decay;
   p = p - lr * direction;
-  m = h.beta2 * m + h.one_minus_beta2 * g;
+  m = clamp_to_float_range(h.beta2 * m + h.one_minus_beta2 * g);
   return p;
 }
 

@@ -108,18 +108,18 @@ def lion_step(
 ) -> None:
     """One Lion step of ``param`` in place, ``state`` as PagedLion/PagedLion8bit keep it (``step`` advanced).
 
-    A non-finite gradient element is taken as NaN, so its parameter becomes NaN (sign() alone would absorb an
-    infinity into a finite step and leave an infinite momentum behind)."""
+    An infinite gradient element takes the finite sign step (as bitsandbytes' Lion) and leaves the momentum at the
+    float32 limit rather than +-inf, so an 8-bit block's absmax stays finite; a NaN element stays NaN."""
     beta1, beta2 = betas
     state["step"] += 1
     g = grad.reshape(-1).float()
-    g = torch.where(torch.isfinite(g), g, torch.full_like(g, float("nan")))  # +-inf counts as NaN (optimizer_math.h)
     p = param.reshape(-1).float()
     m = _load_moment(state, "exp_avg", signed=True)
     mix = _f32(beta1) * m + _f32(1.0 - beta1) * g
     direction = torch.where(torch.isnan(mix), mix, torch.sign(mix))  # torch.sign(NaN) is 0; the kernel keeps NaN
     p = p * _f32(1.0 - lr * weight_decay)
     p = p - _f32(lr) * direction
-    m = _f32(beta2) * m + _f32(1.0 - beta2) * g
+    limit = torch.finfo(torch.float32).max
+    m = (_f32(beta2) * m + _f32(1.0 - beta2) * g).clamp(-limit, limit)  # clamp keeps NaN (optimizer_math.h)
     param.copy_(p.view(param.shape))
     _store_moment(state, "exp_avg", m, signed=True)
