@@ -82,6 +82,7 @@ setup(
     python_requires=">=3.10",
     packages=["qlora_kernels", "qlora_kernels.optim", "qlora_kernels.integrations", "qlora_kernels.triton_kernels"],
     package_dir={"qlora_kernels.triton_kernels": "triton_kernels"},
+    package_data={"qlora_kernels.triton_kernels": ["sass_model.json"]},  # the static H200 model's committed counts
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton>=3.2"], "bnb": ["bitsandbytes>=0.43"], "peft": ["peft>=0.13"]},
     ext_modules=ext_modules,

@@ -104,6 +104,13 @@ def _(packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtyp
 # backward; ``seed`` (int64, one element) regenerates the dropout mask there. Autograd: x, lora_A, lora_B, bias.
 
 
+def _no_autocast(device: torch.device):
+    """The kernels run with autocast off: the compute dtype was decided above this layer (functional.compute_dtype),
+    and an implementation's own float32 products (the reference's, the CPU kernels' BLAS calls) must not be recast
+    to the autocast dtype under a caller's ``torch.autocast``."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize) -> None:
     """The NF4 storage of a fused linear's weight [N = lora_B rows, K = x columns], structure only."""
     if x.dim() != 2 or lora_B.dim() != 2:
@@ -142,9 +149,10 @@ def nf4_lora_linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused NF4 + LoRA linear, forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``."""
     _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
-    return _lora_linear_module(x.device).nf4_lora_linear_fwd(
-        x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed
-    )
+    with _no_autocast(x.device):
+        return _lora_linear_module(x.device).nf4_lora_linear_fwd(
+            x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed
+        )
 
 
 @nf4_lora_linear_fwd.register_fake
@@ -176,10 +184,11 @@ def nf4_lora_linear_bwd(
     """Fused NF4 + LoRA linear, backward: ``(grad_x [M, K], grad_A [r, K], grad_B [N, r], grad_bias [N])`` in x's
     dtype; a gradient that is not needed comes back as an empty tensor. No gradient for the frozen W."""
     _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
-    grads = _lora_linear_module(x.device).nf4_lora_linear_bwd(
-        grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
-        dropout, seed, need_x, need_A, need_B, need_bias,
-    )
+    with _no_autocast(x.device):
+        grads = _lora_linear_module(x.device).nf4_lora_linear_bwd(
+            grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
+            dropout, seed, need_x, need_A, need_B, need_bias,
+        )
     return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
 
 

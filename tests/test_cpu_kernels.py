@@ -13,6 +13,7 @@ import contextlib
 import pytest
 import torch
 
+import qlora_kernels as qk
 from qlora_kernels import cpu_kernels, ops, reference
 from tests.helpers import assert_close_normwise
 
@@ -249,3 +250,18 @@ def test_public_api_autograd_under_auto_matches_reference(monkeypatch):
         results[setting] = (y, x.grad, a.grad, b.grad, bias.grad)
     for got, want in zip(results["auto"], results["torch"]):
         assert_close_normwise(got, want, torch.float32)
+
+
+def test_fused_linear_under_cpu_autocast_matches_the_bf16_call():
+    """Under torch.autocast("cpu", bf16) (what accelerate wraps a bf16=True Trainer's forward in) the op computes in
+    bf16 like an explicit bf16 call: the kernels run with autocast off, so their float32 BLAS products are not
+    recast (before: 'self and mat2 must have the same dtype' for M above the GEMV path)."""
+    torch.manual_seed(0)
+    w4 = qk.NF4Weight.quantize(torch.randn(128, 64))
+    x, a, b = torch.randn(64, 64), torch.randn(8, 64), torch.randn(128, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qk.nf4_lora_linear(x.requires_grad_(), w4, a, b, 2.0)
+    y.float().sum().backward()
+    want = qk.nf4_lora_linear(x.detach().bfloat16(), w4, a.bfloat16(), b.bfloat16(), 2.0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

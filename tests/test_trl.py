@@ -51,13 +51,7 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("bf16", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        raises=RuntimeError, strict=False,
-        reason="qlora_kernels/cpu_kernels.py's fused linear fails under CPU bf16 autocast for M > GEMV_MAX_ROWS "
-               "(its float32 addmm_ gets bf16 operands): reported with issue 16; remove this mark once fixed")),
-])
+@pytest.mark.parametrize("bf16", [False, True])
 def test_sft_trainer_with_peft_config_trains_fused_through_the_callback(checkpoint, tmp_path, bf16):
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     base = load_in_4bit(checkpoint)
