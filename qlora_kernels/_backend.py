@@ -26,16 +26,6 @@ def backend_setting() -> str:
     return value
 
 
-def use_triton(device: torch.device) -> bool:
-    """True when a call on ``device`` should run the Triton kernels."""
-    setting = backend_setting()
-    if setting == "torch":
-        return False
-    if device.type == "cuda":
-        return True
-    return setting == "triton"
-
-
 def use_cpu_kernels(device: torch.device) -> bool:
     """True when a call on ``device`` should run the C++ CPU kernels (a CPU tensor, ``auto`` or ``cpu``)."""
     if device.type != "cpu":

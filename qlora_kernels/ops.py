@@ -1,8 +1,9 @@
 """The ``qlora_kernels::`` custom ops: schema, fake (meta) implementation, CPU and CUDA kernels.
 
-Plain tensors in, plain tensors out. The CPU kernel is the torch reference (or the Triton launcher under
-``QLORA_KERNELS_BACKEND=triton``), the CUDA kernel the Triton launcher (or the reference under
-``QLORA_KERNELS_BACKEND=torch``). Argument validation lives in the public API above this layer; the NF4 storage
+Plain tensors in, plain tensors out. Each op's kernels are registered per device type with torch's dispatcher: the
+op's body is its CPU kernel (the C++ CPU kernels; the Triton launchers through the interpreter under
+``QLORA_KERNELS_BACKEND=triton``; the reference under ``=torch``), ``register_kernel("cuda")`` its CUDA kernel (the
+Triton launchers; the reference under ``=torch``). Both are one body each, taking the serving module. Argument validation lives in the public API above this layer; the NF4 storage
 operands are checked here too (structure only: dtypes, element counts, contiguity, one device; no device sync), so a
 direct ``torch.ops.qlora_kernels`` call cannot hand a kernel a short or strided storage tensor.
 """
@@ -15,39 +16,65 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._backend import triton_kernels, use_triton
+from ._backend import backend_setting, cpu_kernels, triton_kernels, use_cpu_kernels
 from .storage import check_nf4_storage
 
 _EMPTY = (0,)
 
 
-def _nf4_module(device: torch.device):
-    """The module implementing the NF4 ops for ``device``: the Triton launchers, the C++ CPU kernels or the
-    reference (qlora_kernels/_backend.py)."""
-    from ._backend import cpu_kernels, use_cpu_kernels
-
-    if use_triton(device):
-        return importlib.import_module(".nf4", triton_kernels().__name__)
-    if use_cpu_kernels(device):
+def _implementation(device_type: str, family: str):
+    """The module behind the kernel registered for ``device_type`` (``family`` "nf4" or "lora_linear"; each module
+    has the reference's functions). torch's dispatcher picks the device type's kernel; ``QLORA_KERNELS_BACKEND`` is
+    the small hook that swaps the module that kernel calls (qlora_kernels/_backend.py): CUDA → the Triton launchers;
+    CPU → the C++ CPU kernels, or the Triton launchers through the interpreter, or the reference."""
+    setting = backend_setting()
+    if setting == "torch":
+        return reference
+    if device_type == "cuda" or setting == "triton":
+        return importlib.import_module("." + family, triton_kernels().__name__)
+    if use_cpu_kernels(torch.device(device_type)):
         return cpu_kernels()
     return reference
+
+
+def _nf4_module(device: torch.device):
+    """The module serving the NF4 ops for tensors on ``device``."""
+    return _implementation(device.type, "nf4")
+
+
+def _lora_linear_module(device: torch.device):
+    """The module serving the fused linear for tensors on ``device``."""
+    return _implementation(device.type, "lora_linear")
+
+
+def _register_cuda(op, body, family: str) -> None:
+    """``op``'s CUDA kernel: ``body(module, *args)`` with the module serving CUDA (the op's own body is its CPU
+    kernel, written the same way)."""
+    op.register_kernel("cuda")(lambda *args: body(_implementation("cuda", family), *args))
 
 
 # ---------------------------------------------------------------------------------------------- quantize_nf4
 
 
-@torch.library.custom_op("qlora_kernels::quantize_nf4", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("qlora_kernels::quantize_nf4", mutates_args=(), device_types="cpu")
 def quantize_nf4(
     weight: torch.Tensor, blocksize: int, double_quant: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NF4-quantize ``weight`` (flattened row-major). Returns (packed uint8 [(n+1)//2], absmax, nested_absmax,
     offset): absmax float32 [blocks] and empty nested_absmax/offset without double quantization; with it, absmax
     uint8 [blocks], nested_absmax float32 [ceil(blocks/256)] and offset a float32 scalar."""
-    packed, absmax, nested_absmax, offset = _nf4_module(weight.device).quantize_nf4(weight, blocksize, double_quant)
+    return _quantize(_implementation("cpu", "nf4"), weight, blocksize, double_quant)
+
+
+def _quantize(impl, weight, blocksize, double_quant):
+    packed, absmax, nested_absmax, offset = impl.quantize_nf4(weight, blocksize, double_quant)
     if nested_absmax is None:
         nested_absmax = torch.empty(_EMPTY, dtype=torch.float32, device=weight.device)
         offset = torch.empty(_EMPTY, dtype=torch.float32, device=weight.device)
     return packed, absmax, nested_absmax, offset
+
+
+_register_cuda(quantize_nf4, _quantize, "nf4")
 
 
 @quantize_nf4.register_fake
@@ -69,7 +96,7 @@ def _(weight, blocksize, double_quant):
 # -------------------------------------------------------------------------------------------- dequantize_nf4
 
 
-@torch.library.custom_op("qlora_kernels::dequantize_nf4", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("qlora_kernels::dequantize_nf4", mutates_args=(), device_types="cpu")
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -82,13 +109,20 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """Dequantize NF4 storage to ``dtype`` [shape]: ``code[nibble] * absmax[block]`` in float32, cast once.
     ``packed`` is the uint8 byte view; pass nested_absmax, offset and nested_code for double quantization."""
+    return _dequantize(
+        _implementation("cpu", "nf4"), packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtype
+    )
+
+
+def _dequantize(impl, packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtype):
     numel = 1
     for s in shape:
         numel *= int(s)
     check_nf4_storage(packed, absmax, nested_absmax, offset, numel, blocksize, None, nested_code, check_values=False)
-    return _nf4_module(packed.device).dequantize_nf4(
-        packed, absmax, nested_absmax, offset, blocksize, shape, dtype, nested_code
-    )
+    return impl.dequantize_nf4(packed, absmax, nested_absmax, offset, blocksize, shape, dtype, nested_code)
+
+
+_register_cuda(dequantize_nf4, _dequantize, "nf4")
 
 
 @dequantize_nf4.register_fake
@@ -119,19 +153,7 @@ def _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nest
     check_nf4_storage(packed, absmax, nested_absmax, offset, numel, blocksize, None, nested_code, check_values=False)
 
 
-def _lora_linear_module(device: torch.device):
-    """The module implementing the fused linear for ``device``: the Triton launchers, the C++ CPU kernels or the
-    reference (qlora_kernels/_backend.py)."""
-    from ._backend import cpu_kernels, use_cpu_kernels
-
-    if use_triton(device):
-        return importlib.import_module(".lora_linear", triton_kernels().__name__)
-    if use_cpu_kernels(device):
-        return cpu_kernels()
-    return reference
-
-
-@torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=(), device_types="cpu")
 def nf4_lora_linear_fwd(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -148,11 +170,19 @@ def nf4_lora_linear_fwd(
     seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused NF4 + LoRA linear, forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``."""
+    return _linear_fwd(
+        _implementation("cpu", "lora_linear"), x, packed, absmax, nested_absmax, offset, nested_code, blocksize,
+        lora_A, lora_B, scale, bias, dropout, seed,
+    )
+
+
+def _linear_fwd(impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest):
     _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
     with _no_autocast(x.device):
-        return _lora_linear_module(x.device).nf4_lora_linear_fwd(
-            x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias, dropout, seed
-        )
+        return impl.nf4_lora_linear_fwd(x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest)
+
+
+_register_cuda(nf4_lora_linear_fwd, _linear_fwd, "lora_linear")
 
 
 @nf4_lora_linear_fwd.register_fake
@@ -160,7 +190,7 @@ def _(x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, 
     return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=(), device_types="cpu")
 def nf4_lora_linear_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -183,13 +213,23 @@ def nf4_lora_linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused NF4 + LoRA linear, backward: ``(grad_x [M, K], grad_A [r, K], grad_B [N, r], grad_bias [N])`` in x's
     dtype; a gradient that is not needed comes back as an empty tensor. No gradient for the frozen W."""
+    return _linear_bwd(
+        _implementation("cpu", "lora_linear"), grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code,
+        blocksize, lora_A, lora_B, scale, dropout, seed, need_x, need_A, need_B, need_bias,
+    )
+
+
+def _linear_bwd(impl, grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B,
+                *rest):
     _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
     with _no_autocast(x.device):
-        grads = _lora_linear_module(x.device).nf4_lora_linear_bwd(
-            grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
-            dropout, seed, need_x, need_A, need_B, need_bias,
+        grads = impl.nf4_lora_linear_bwd(
+            grad_y, x, s, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest
         )
     return tuple(x.new_empty(_EMPTY) if g is None else g for g in grads)
+
+
+_register_cuda(nf4_lora_linear_bwd, _linear_bwd, "lora_linear")
 
 
 @nf4_lora_linear_bwd.register_fake
