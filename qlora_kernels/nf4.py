@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from . import ops, reference
-from .storage import check_nf4_storage, check_shape
+from .storage import check_blocksize, check_nf4_storage, check_shape  # noqa: F401 (check_blocksize: public here)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -73,13 +73,6 @@ def in_bnb_cpu_layout(quant_state: Any) -> bool:
     (reordered bytes, bf16 absmax), which is not NF4 storage. bitsandbytes does so, in place, at an eval-mode forward
     whose input needs no grad on a CPU with AVX512-BF16."""
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
-
-
-def check_blocksize(blocksize: Any) -> int:
-    """Validate an NF4 blocksize: a power of two from 32 to 4096 (bitsandbytes' set)."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096 {reference.VALID_BLOCKSIZES}, got {blocksize!r}")
-    return blocksize
 
 
 def _plain(t: Any) -> Any:

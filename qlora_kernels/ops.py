@@ -11,6 +11,7 @@ direct ``torch.ops.qlora_kernels`` call cannot hand a kernel a short or strided 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -115,9 +116,7 @@ def dequantize_nf4(
 
 
 def _dequantize(impl, packed, absmax, nested_absmax, offset, nested_code, blocksize, shape, dtype):
-    numel = 1
-    for s in shape:
-        numel *= int(s)
+    numel = math.prod(int(d) for d in shape)  # a Python int: never a wrapped int64
     check_nf4_storage(packed, absmax, nested_absmax, offset, numel, blocksize, None, nested_code, check_values=False)
     return impl.dequantize_nf4(packed, absmax, nested_absmax, offset, blocksize, shape, dtype, nested_code)
 

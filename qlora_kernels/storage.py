@@ -17,9 +17,8 @@ Two levels:
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -47,6 +46,13 @@ def check_shape(shape: Any, what: str = "shape") -> tuple[int, int]:
     if n * k > MAX_NUMEL:
         raise ValueError(f"{what} {[n, k]} has {n * k} elements, more than the supported 2^62")
     return n, k
+
+
+def check_blocksize(blocksize: Any) -> int:
+    """An NF4 blocksize: a power of two from 32 to 4096 (bitsandbytes' set)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096 {reference.VALID_BLOCKSIZES}, got {blocksize!r}")
+    return blocksize
 
 
 def _tensor(name: str, t: Any) -> torch.Tensor:
@@ -88,8 +94,7 @@ def check_nf4_storage(
     float32; quant_map (if given) 16 float32 entries; nested_quant_map (if given) 256. All contiguous, one device.
     Raises TypeError / ValueError naming the argument.
     """
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in reference.VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096 {reference.VALID_BLOCKSIZES}, got {blocksize!r}")
+    check_blocksize(blocksize)
     if isinstance(numel, bool) or not isinstance(numel, int) or not 1 <= numel <= MAX_NUMEL:
         raise ValueError(f"the weight must have 1 to 2^62 elements, got {numel!r}")
     nblocks = -(-numel // blocksize)
@@ -150,9 +155,4 @@ def _check_values(tensors: dict[str, torch.Tensor], double_quant: bool) -> None:
             raise ValueError(f"{name} holds NaN or Inf: the checkpoint is corrupt")
         if non_negative and bool((t < 0).any()):
             raise ValueError(f"{name} holds negative values: an absmax is a maximum of magnitudes")
-
-
-def nf4_numel(shape: Sequence[int]) -> int:
-    """N·K as a Python int (never a wrapped int64)."""
-    return math.prod(int(s) for s in shape)
 
