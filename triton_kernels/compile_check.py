@@ -45,6 +45,7 @@ from . import lora_linear_gemm as gemm  # noqa: E402
 from . import lora_linear_thin as thin  # noqa: E402
 from . import nf4  # noqa: E402
 from . import sass_model  # noqa: E402
+from .lora_linear import decode_mode  # noqa: E402
 
 try:  # the specialisation rule a launch applies to each argument (Triton ≥ 3.3)
     from triton._C.libtriton import native_specialize_impl as _specialize_impl
@@ -170,6 +171,7 @@ def _gemm_cases(quick: bool) -> list[Case]:
                 constexprs = {
                     **config.kwargs, "BLOCK_R": 16, "BLOCKSIZE": blocksize, "ALIGNED_ROWS": k % blocksize == 0,
                     "HAS_DOUBLE_QUANT": dq, "NESTED": 256, "WRITE_LORA": True, "DOT_FP32": dtype == torch.float32,
+                    "DECODE": decode_mode(dtype),
                     **({"HAS_BIAS": flag} if kind == "fwd" else {"HAS_DROPOUT": flag}),
                 }
                 args = _gemm_args(kind, M, N, k, RANK, dtype, dq, flag, flag)

@@ -20,7 +20,7 @@ from qlora_kernels import reference
 from ._common import check_launchable, compile_options, interpreting
 from .lora_linear_gemm import _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, tuned_gemm
 from .lora_linear_thin import _lora_cols_kernel, _lora_rows_kernel, block_r, cols_plan, rows_plan
-from .lora_linear_tiles import nf4_levels
+from .lora_linear_tiles import DECODE_GATHER, DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN, nf4_levels
 
 _NESTED = reference.NESTED_BLOCKSIZE
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,6 +77,14 @@ def _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device) -> tup
         code,
         nested_code.contiguous().float() if double_quant else code,
     ], double_quant
+
+
+def decode_mode(dtype: torch.dtype) -> int:
+    """The GEMMs' DECODE constexpr: bf16 decodes in registers (``nf4_asm``; its plain-Triton twin under the
+    interpreter, which cannot run inline asm), fp16 and fp32 gather float32 levels (lora_linear_tiles)."""
+    if dtype != torch.bfloat16:
+        return DECODE_GATHER.value
+    return (DECODE_REGISTERS_TWIN if interpreting() else DECODE_REGISTERS_ASM).value
 
 
 def _m_bucket(M: int) -> int:
@@ -177,7 +185,7 @@ def nf4_lora_linear_fwd(
         _m_bucket(M),
         BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
         BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
-        HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
+        HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32, DECODE=decode_mode(x.dtype),
         **extra, **compile_options(enable_fp_fusion=False),
     )
     return y, s
@@ -253,7 +261,7 @@ def nf4_lora_linear_bwd(
             _m_bucket(M),
             BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
             BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
-            HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32,
+            HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32, DECODE=decode_mode(dtype),
             **extra, **compile_options(enable_fp_fusion=False),
         )
     elif need_A and splits > 1:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from .lora_linear_tiles import dropout_keep, load_nf4_tile, mma, to_dot_operand
+from .lora_linear_tiles import dropout_keep, load_nf4_tile, mma, nf4_register_words, to_dot_operand
 
 SMALL_M = 16  # rows up to which the decode-shaped configurations serve
 
@@ -42,12 +42,17 @@ def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
 
 
 # Candidates for training shapes on Hopper (H100/H200), both operand orders. Chosen from the sm_90 compile check
-# (python -m qlora_kernels.triton_kernels.compile_check): configurations that spill registers or overflow the 227 KB
-# of shared memory are left out (4-warp 128×128 tiles, 128×256 dX tiles, BLOCK_K = 128 for dX all spilled).
-# The first row of each table is the expected best (the one used with QLORA_KERNELS_AUTOTUNE=0): swapped operands,
-# whose wgmma stays in flight while the next tile decodes (the plain order waits on each wgmma at once).
+# (python -m qlora_kernels.triton_kernels.compile_check) and its static model (sass_model.py): configurations that
+# spill registers or overflow the 227 KB of shared memory are left out (4-warp 128×128 tiles, 128×256 dX tiles,
+# BLOCK_K = 128 for dX all spilled). The first row of each table is the one used with QLORA_KERNELS_AUTOTUNE=0:
+# swapped operands, whose wgmma stays in flight while the next tile decodes (the plain order waits on each wgmma at
+# once), on 128-row tiles that suit every M. The second is the model's pick for training shapes (measured second
+# by the GPU check's two-candidate tuning): 256 token rows per tile halve the decode work per MMA, which puts the
+# modelled issue time under the tensor-core time (issue 11: ≤ 0.9 of it).
+_TRITON_3_9 = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 _FWD_LARGE_M = [
     (128, 128, 64, 8, 3, True),
+    (256, 128, 32, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (128, 256, 64, 8, 3, True),
     (64, 128, 64, 4, 4, True),
@@ -55,12 +60,17 @@ _FWD_LARGE_M = [
     (128, 128, 64, 8, 3, False),
     (128, 256, 64, 8, 3, False),
 ]
+if not _TRITON_3_9:
+    # The H200's Triton 3.6 compiles this one without spills (model: issue 0.65 of tensor time); 3.9 spills 19.
+    _FWD_LARGE_M.insert(2, (256, 128, 64, 8, 3, True))
 _DX_LARGE_M = [
     (128, 128, 64, 8, 3, True),
+    (256, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (64, 128, 64, 4, 4, True),
     (128, 128, 64, 8, 3, False),
     (64, 128, 64, 4, 4, False),
+    (256, 128, 64, 8, 3, False),
 ]
 # Decode (M ≤ 16): one 16-row M tile, narrow output tiles, long reduction steps (wide byte loads). With SWAP_AB the
 # weight tile is wgmma's 64/128-row left operand and the token rows its N dimension.
@@ -128,11 +138,11 @@ def gemm_configs(kernel: str, small_m: bool, aligned_rows: bool, every_candidate
 # Every constexpr that is not a tile size, plus the shape: a new value re-tunes (DESIGN.md, "Conventions").
 FWD_TUNING_KEY = [
     "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_BIAS",
-    "WRITE_LORA", "DOT_FP32",
+    "WRITE_LORA", "DOT_FP32", "DECODE",
 ]
 DX_TUNING_KEY = [
     "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_DROPOUT",
-    "WRITE_LORA", "DOT_FP32",
+    "WRITE_LORA", "DOT_FP32", "DECODE",
 ]
 
 
@@ -202,7 +212,7 @@ def _nf4_lora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,6 +234,7 @@ def _nf4_lora_fwd_kernel(
         else:
             acc += bias[None, :]
 
+    words = nf4_register_words(code_ptr, DECODE)
     # x's column offsets in int64: a column-strided x (a transposed activation) has k · stride_xk past 2^31.
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K).to(tl.int64)[None, :] * stride_xk
     x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
@@ -233,7 +244,8 @@ def _nf4_lora_fwd_kernel(
         x_ptrs += x_step
         w = load_nf4_tile(
             packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
-            offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED,
+            offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED, DECODE,
+            words,
         )
         x = to_dot_operand(x, DTYPE, DOT_FP32)
         w = to_dot_operand(w, DTYPE, DOT_FP32)
@@ -260,7 +272,7 @@ def _nf4_lora_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
 ):
     # The output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps, reading the weight
     # tile W[n0 : n0 + BLOCK_N, k-tile] (rows contiguous along K, the output dimension here).
@@ -286,6 +298,7 @@ def _nf4_lora_bwd_dx_kernel(
             keep = dropout_keep(offs_m[:, None] * K + offs_k[None, :], seed_ptr, threshold)
         acc = tl.where(keep, acc * inv_keep, 0.0)
 
+    words = nf4_register_words(code_ptr, DECODE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dy = tl.load(
@@ -296,6 +309,7 @@ def _nf4_lora_bwd_dx_kernel(
         w = load_nf4_tile(
             packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
             offs_n, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED,
+            DECODE, words,
         )
         dy = to_dot_operand(dy, DTYPE, DOT_FP32)
         w = to_dot_operand(w, DTYPE, DOT_FP32)

@@ -14,15 +14,26 @@ import triton.language as tl
 
 from qlora_kernels import reference
 
+from . import nf4_asm
+
 
 _DEVICE_CODES: dict[torch.device, torch.Tensor] = {}
 
 
+# Entries of the GEMMs' code table: the 16 float32 NF4 levels, then nf4_asm's register words (int32 bits).
+CODE_TABLE_WORDS = tl.constexpr(16)
+
+
 def nf4_levels(device: torch.device) -> torch.Tensor:
-    """The 16 NF4 levels, float32, on ``device`` (cached: the kernels gather from this 64-byte table)."""
+    """The GEMMs' code table on ``device`` (cached): float32 [20], the 16 NF4 levels (the gather decode reads
+    these 64 bytes) and, as int32 bit patterns, the four ``nf4_asm.REGISTER_WORDS`` that the register decode loads
+    once per program."""
     device = torch.device(device)
     if device not in _DEVICE_CODES:
-        _DEVICE_CODES[device] = reference.nf4_code(device)
+        words = nf4_asm.codebook_words()
+        bits = torch.tensor([words[w] for w in nf4_asm.REGISTER_WORDS], dtype=torch.int64)
+        bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+        _DEVICE_CODES[device] = torch.cat([reference.nf4_code(torch.device("cpu")), bits]).to(device)
     return _DEVICE_CODES[device]
 
 
@@ -85,14 +96,52 @@ def _block_absmax(
     return absmax
 
 
+# How the aligned path decodes (the DECODE constexpr of the GEMM kernels, chosen by the launcher):
+DECODE_GATHER = tl.constexpr(0)  # float32 levels gathered from ``code_ptr``, times the float32 absmax (fp16, fp32; per element)
+DECODE_REGISTERS_TWIN = tl.constexpr(1)  # bf16: the register decode's numerics in plain Triton (the interpreter runs this)
+DECODE_REGISTERS_ASM = tl.constexpr(2)  # bf16: the register decode, ``nf4_asm``'s prmt program (compiled GPU code only)
+_NF4_DECODE_PTX = tl.constexpr(nf4_asm.ptx())
+
+
+@triton.jit
+def nf4_register_words(code_ptr, DECODE: tl.constexpr):
+    """The register decode's four codebook words (int32 scalars, ``nf4_asm.REGISTER_WORDS`` order), read from the
+    code table once, before the main loop; zeros for the other decode modes."""
+    if DECODE == DECODE_REGISTERS_ASM:
+        words_ptr = code_ptr.to(tl.pointer_type(tl.int32)) + CODE_TABLE_WORDS
+        return tl.load(words_ptr), tl.load(words_ptr + 1), tl.load(words_ptr + 2), tl.load(words_ptr + 3)
+    return 0, 0, 0, 0
+
+
+@triton.jit
+def decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE: tl.constexpr):
+    """bf16 (w_hi, w_lo): the weights of the high and the low nibble of each uint8 ``byte``, times its block's
+    float32 ``absmax`` (same shape), as bf16(bf16(level) · bf16(absmax)) (``nf4_asm``). DECODE_REGISTERS_ASM runs
+    the prmt lookup (no memory access); DECODE_REGISTERS_TWIN computes the same bits with a gather, for the
+    interpreter, which cannot run inline asm."""
+    if DECODE == DECODE_REGISTERS_ASM:
+        w_hi, w_lo = tl.inline_asm_elementwise(
+            _NF4_DECODE_PTX, nf4_asm.CONSTRAINTS, [byte, absmax, words[0], words[1], words[2], words[3]],
+            (tl.bfloat16, tl.bfloat16), False, nf4_asm.PACK,
+        )
+    else:
+        b = byte.to(tl.int32)
+        scale = absmax.to(tl.bfloat16).to(tl.float32)
+        w_hi = (tl.load(code_ptr + (b >> 4)).to(tl.bfloat16).to(tl.float32) * scale).to(tl.bfloat16)
+        w_lo = (tl.load(code_ptr + (b & 0xF)).to(tl.bfloat16).to(tl.float32) * scale).to(tl.bfloat16)
+    return w_hi, w_lo
+
+
 @triton.jit
 def load_nf4_tile(
     packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
     offs_n, k0, N, K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    DECODE: tl.constexpr, words,
 ):
-    """float32 [BLOCK_N, BLOCK_K]: deq(W)[offs_n, k0 : k0 + BLOCK_K] of the NF4 weight W [N, K].
+    """[BLOCK_N, BLOCK_K]: deq(W)[offs_n, k0 : k0 + BLOCK_K] of the NF4 weight W [N, K]; float32, or bf16 when
+    the aligned path decodes in registers (DECODE_REGISTERS_*: ``decode_nf4_pairs``).
 
     Out-of-range elements come back finite (the caller masks them out of its product or its store). Element (n, k)
     is flat index n·K + k: its byte is index // 2 (high nibble when the index is even), its block index // BLOCKSIZE.
@@ -119,17 +168,21 @@ def load_nf4_tile(
         col_pair = first_pair + offs_g[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :]  # [GROUPS, PAIRS]
         byte_ptrs = packed_ptr + offs_n[:, None, None] * row_bytes + col_pair[None, :, :]
         mask_byte = mask_n[:, None, None] & (col_pair < row_bytes)[None, :, :]
-        byte = tl.load(byte_ptrs, mask=mask_byte, other=0).to(tl.int32)
-        level_hi = tl.load(code_ptr + (byte >> 4))
-        level_lo = tl.load(code_ptr + (byte & 0xF))
+        byte = tl.load(byte_ptrs, mask=mask_byte, other=0)
         col_group = k0 + offs_g * GROUP
         block = offs_n[:, None] * (K // BLOCKSIZE) + (col_group // BLOCKSIZE)[None, :]
         mask_block = mask_n[:, None] & (col_group < K)[None, :]
         absmax = _block_absmax(
             block, mask_block, absmax_ptr, nested_absmax_ptr, offset_ptr, nested_code_ptr, HAS_DOUBLE_QUANT, NESTED
         )[:, :, None]
+        if DECODE == DECODE_GATHER:
+            byte = byte.to(tl.int32)
+            w_hi = tl.load(code_ptr + (byte >> 4)) * absmax
+            w_lo = tl.load(code_ptr + (byte & 0xF)) * absmax
+        else:
+            w_hi, w_lo = decode_nf4_pairs(byte, tl.broadcast_to(absmax, byte.shape), code_ptr, words, DECODE)
         # [BLOCK_N, GROUPS, PAIRS, 2] -> [BLOCK_N, BLOCK_K]: column g·GROUP + 2p + j, j = 0 for the high nibble.
-        w = tl.reshape(tl.join(level_hi * absmax, level_lo * absmax), [BLOCK_N, BLOCK_K])
+        w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, BLOCK_K])
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         index = offs_n[:, None] * K + offs_k[None, :]

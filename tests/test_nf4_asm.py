@@ -1,0 +1,167 @@
+"""The register decode (triton_kernels/nf4_asm.py): its prmt program, checked bit for bit on CPU by running the
+program's own emulation; its plain-Triton twin under the interpreter; the compiled asm against the twin on a GPU."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from qlora_kernels import reference
+from qlora_kernels.triton_kernels import lora_linear_tiles as tiles
+from qlora_kernels.triton_kernels import nf4_asm
+
+CODE = reference.nf4_code(torch.device("cpu"))
+
+
+def expected_bits(nibble: int, absmax: float) -> int:
+    """bf16(bf16(level) · bf16(absmax)) as a 16-bit pattern: what the program must produce."""
+    level = CODE[nibble].to(torch.bfloat16).float()
+    scale = torch.tensor(absmax, dtype=torch.float32).to(torch.bfloat16).float()
+    return (level * scale).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+
+
+def unpack(regs: dict[str, int]) -> tuple[list[int], list[int]]:
+    """(high-nibble weights, low-nibble weights) of the 4 bytes, as 16-bit patterns, from the output registers."""
+    hi = [(regs["$h0"] >> (16 * j)) & 0xFFFF for j in range(2)] + [(regs["$h1"] >> (16 * j)) & 0xFFFF for j in range(2)]
+    lo = [(regs["$l0"] >> (16 * j)) & 0xFFFF for j in range(2)] + [(regs["$l1"] >> (16 * j)) & 0xFFFF for j in range(2)]
+    return hi, lo
+
+
+ABSMAX = [1.0, 0.0, 0.0123, 3.7e-5, 2.5, 1e30, 1.17e-38, 0.5 + 2**-12]
+
+
+@pytest.mark.parametrize("position", range(4))
+def test_program_decodes_every_byte_in_every_position(position):
+    rng = random.Random(position)
+    for byte in range(256):
+        others = [rng.randrange(256) for _ in range(4)]
+        others[position] = byte
+        word = others[0] | others[1] << 8 | others[2] << 16 | others[3] << 24
+        absmax = [rng.choice(ABSMAX) * rng.uniform(0.5, 1.0) for _ in range(4)]
+        hi, lo = unpack(nf4_asm.emulate(word, absmax))
+        for j in range(4):
+            assert hi[j] == expected_bits(others[j] >> 4, absmax[j]), (byte, j, hex(hi[j]))
+            assert lo[j] == expected_bits(others[j] & 0xF, absmax[j]), (byte, j, hex(lo[j]))
+
+
+def test_program_keeps_each_weights_own_absmax():
+    # The four weights of one call may come from different blocks (or rows): each gets its own absmax.
+    word = 0xF7_80_1E_C3
+    absmax = [0.25, 3.0, 1e-3, 7.5]
+    hi, lo = unpack(nf4_asm.emulate(word, absmax))
+    for j, byte in enumerate([0xC3, 0x1E, 0x80, 0xF7]):
+        assert hi[j] == expected_bits(byte >> 4, absmax[j])
+        assert lo[j] == expected_bits(byte & 0xF, absmax[j])
+
+
+def test_codebook_words_are_the_bf16_levels():
+    words = nf4_asm.codebook_words()
+    for n in range(16):
+        table = words[f"TL{n // 4}"], words[f"TH{n // 4}"]
+        bits = ((table[0] >> (8 * (n % 4))) & 0xFF) | ((table[1] >> (8 * (n % 4))) & 0xFF) << 8
+        assert bits == CODE[n].to(torch.bfloat16).view(torch.int16).item() & 0xFFFF, n
+
+
+def test_ptx_text_matches_the_program_and_the_operand_list():
+    text = nf4_asm.ptx()
+    body = [line for line in text.splitlines() if line.endswith(";") and not line.startswith(".reg")]
+    assert len(body) == nf4_asm.instruction_count() == len(nf4_asm.PROGRAM)
+    operands = {int(m) for m in re.findall(r"\$(\d+)", text)}
+    assert max(operands) < len(nf4_asm.CONSTRAINTS.split(","))
+    # Every output register is written and every input read; the register words come in as operands.
+    assert {0, 1, 2, 3} <= operands and 4 in operands
+    for name in nf4_asm.REGISTER_WORDS:
+        assert f"${nf4_asm.OPERANDS[name]}" in text
+    # The other words are immediates with their values.
+    for name, value in nf4_asm.codebook_words().items():
+        if name not in nf4_asm.REGISTER_WORDS:
+            assert str(value) in text, name
+
+
+def test_code_table_carries_the_register_words():
+    table = tiles.nf4_levels(torch.device("cpu"))
+    assert table.dtype == torch.float32 and table.numel() == 16 + len(nf4_asm.REGISTER_WORDS)
+    torch.testing.assert_close(table[:16], CODE, rtol=0, atol=0)
+    words = table[16:].view(torch.int32).tolist()
+    expected = [nf4_asm.codebook_words()[w] for w in nf4_asm.REGISTER_WORDS]
+    assert [w & 0xFFFFFFFF for w in words] == expected
+
+
+@triton.jit
+def _decode_kernel(byte_ptr, absmax_ptr, code_ptr, hi_ptr, lo_ptr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                   DECODE: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    byte = tl.load(byte_ptr + offs)
+    absmax = tl.load(absmax_ptr + offs)
+    words = tiles.nf4_register_words(code_ptr, DECODE)
+    hi, lo = tiles.decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+def _decode(device, decode: int, rows=16, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    byte = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
+    absmax = torch.rand(rows, cols, generator=g) * torch.tensor(ABSMAX)[torch.randint(0, len(ABSMAX), (rows, cols),
+                                                                                      generator=g)]
+    hi = torch.full((rows, cols), float("nan"), dtype=torch.bfloat16)
+    lo = hi.clone()
+    byte, absmax, hi, lo = (t.to(device) for t in (byte, absmax, hi, lo))
+    _decode_kernel[(1,)](byte, absmax, tiles.nf4_levels(device), hi, lo, ROWS=rows, COLS=cols, DECODE=decode)
+    return byte.cpu(), absmax.cpu(), hi.cpu(), lo.cpu()
+
+
+def _to_bf16(x: torch.Tensor, truncate: bool) -> torch.Tensor:
+    """float32 -> bf16, rounded to nearest even (a GPU) or truncated (Triton's interpreter, DESIGN.md)."""
+    if not truncate:
+        return x.to(torch.bfloat16)
+    return ((x.view(torch.int32) >> 16).to(torch.int16)).view(torch.bfloat16)
+
+
+def _expected(byte, absmax, truncate=False):
+    b = byte.long()
+    scale = _to_bf16(absmax, truncate).float()
+    hi = _to_bf16(_to_bf16(CODE[b >> 4], truncate).float() * scale, truncate)
+    lo = _to_bf16(_to_bf16(CODE[b & 0xF], truncate).float() * scale, truncate)
+    return hi, lo
+
+
+def test_twin_computes_the_programs_bits(triton_device):
+    # The interpreter truncates where a GPU rounds (its one bf16 defect that matters here): on CPU the twin must give
+    # the truncated bits exactly, on a GPU the rounded ones, and there the emulated program too.
+    # (subnormal products differ too, between numpy and torch on CPU: those elements are compared on a GPU only).
+    byte, absmax, hi, lo = _decode(triton_device, tiles.DECODE_REGISTERS_TWIN.value)
+    interpreted = triton_device.type == "cpu"
+    want_hi, want_lo = _expected(byte, absmax, truncate=interpreted)
+    for got, want in ((hi, want_hi), (lo, want_lo)):
+        tiny = torch.finfo(torch.float32).tiny
+        normal = (absmax >= tiny) & ((want.float().abs() >= tiny) | (want == 0)) if interpreted else True
+        assert torch.equal(torch.where(normal, got, 0).view(torch.int16), torch.where(normal, want, 0).view(torch.int16))
+        assert not interpreted or normal.float().mean() > 0.6
+    if interpreted:
+        return
+    flat_b, flat_a = byte.reshape(-1, 4), absmax.reshape(-1, 4)
+    for i in range(0, flat_b.shape[0], 17):
+        word = sum(int(flat_b[i, j]) << (8 * j) for j in range(4))
+        regs_hi, regs_lo = unpack(nf4_asm.emulate(word, flat_a[i].tolist()))
+        assert regs_hi == [v & 0xFFFF for v in hi.reshape(-1, 4)[i].view(torch.int16).tolist()]
+        assert regs_lo == [v & 0xFFFF for v in lo.reshape(-1, 4)[i].view(torch.int16).tolist()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16, 64), (64, 32), (8, 256)])
+def test_compiled_asm_matches_the_twin_bit_for_bit(shape):
+    # The one thing the CPU cannot check: how Triton hands packed operands to the inline asm and takes its outputs.
+    device = torch.device("cuda")
+    for seed in range(3):
+        byte, absmax, hi, lo = _decode(device, tiles.DECODE_REGISTERS_ASM.value, *shape, seed=seed)
+        _, _, twin_hi, twin_lo = _decode(device, tiles.DECODE_REGISTERS_TWIN.value, *shape, seed=seed)
+        assert torch.equal(hi.view(torch.int16), twin_hi.view(torch.int16))
+        assert torch.equal(lo.view(torch.int16), twin_lo.view(torch.int16))
+        want_hi, want_lo = _expected(byte, absmax)
+        assert torch.equal(hi.view(torch.int16), want_hi.view(torch.int16))
