@@ -6,6 +6,11 @@ written in place and ``config`` to force one GEMM configuration (tests, the comp
 
 Launch order, forward: thin pass (S partial sums) -> GEMM (sums S, stores it, writes Y). Backward: thin pass (dS
 partial sums) -> dX GEMM (sums dS, stores it) -> dA thin pass over x -> dB (+ dbias) thin pass over dY.
+
+At M > 16 each GEMM has a second route, dequantize once + cuBLAS (``lora_linear_dense``), chosen per shape by a
+first-call measurement (``route``); ``_gemm_or_dense`` is the one place each direction asks. A forced ``config``
+means the fused GEMM. Decode-sized M stays fused: there reading the weight is the whole cost, and the dense route
+would write and re-read it in bf16.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import triton
 
 from qlora_kernels import reference
 
+from . import lora_linear_dense as _dense
+from . import route as _route
 from ._common import check_launchable, compile_options, interpreting
-from .lora_linear_gemm import _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, tuned_gemm
+from .lora_linear_gemm import SMALL_M, _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, tuned_gemm
 from .lora_linear_thin import _lora_cols_kernel, _lora_rows_kernel, block_r, cols_plan, rows_plan
 from .lora_linear_tiles import DECODE_GATHER, DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN, nf4_levels
 
@@ -105,6 +112,21 @@ def _gemm_launch(kind: str, M: int, out_cols: int, aligned_rows: bool, config: O
     return raw, grid, {**config, **compile_options(**launch)}
 
 
+def _gemm_or_dense(fused_launch, key_args: tuple, dense, fused_forced: bool, device: torch.device):
+    """The call that computes a direction's big product: ``fused_launch`` (the GEMM kernel with its grid) itself,
+    or a call that takes the same arguments and runs whichever of the fused GEMM and ``dense`` (dequantize +
+    cuBLAS, no arguments) ``route`` chooses for the shape ``key_args`` (``route.route_key``'s). Decode-sized M and
+    ``fused_forced`` (the caller forced something of the GEMM's own, e.g. its ``config``) take the fused GEMM."""
+    if key_args[1] <= SMALL_M or fused_forced:
+        return fused_launch
+
+    def launch(*args, **kwargs) -> None:
+        key = _route.route_key(*key_args)
+        _route.run(key, {"fused": lambda: fused_launch(*args, **kwargs), "dense": dense}, device)
+
+    return launch
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # float32 operands use exact float32 products (no TF32); the interpreter computes every dot in float32.
     return interpreting() or dtype == torch.float32
@@ -178,7 +200,13 @@ def nf4_lora_linear_fwd(
     aligned_rows = K % blocksize == 0
     kernel, grid, extra = _gemm_launch("fwd", M, N, aligned_rows, config)
     bias_arg = bias.contiguous() if bias is not None else s_parts
-    kernel[grid](
+    dense = lambda: _dense.dense_fwd(  # noqa: E731
+        x, nf4, double_quant, blocksize, s_parts, lora_B, float(scale), bias_arg if bias is not None else None,
+        y, s, write_s, dot_fp32,
+    )
+    launch = _gemm_or_dense(kernel[grid], ("fwd", M, N, K, rank, x.dtype, blocksize, double_quant,
+                                           bias is not None, False), dense, config is not None, device)
+    launch(
         x, *nf4, s_parts, lora_B, bias_arg, y, s,
         M, N, K, rank, splits, float(scale),
         x.stride(0), x.stride(1), s_parts.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
@@ -253,7 +281,13 @@ def nf4_lora_linear_bwd(
         nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
         aligned_rows = K % blocksize == 0
         kernel, grid, extra = _gemm_launch("dx", M, K, aligned_rows, config)
-        kernel[grid](
+        dense = lambda: _dense.dense_dx(  # noqa: E731
+            grad_y, nf4, double_quant, blocksize, ds_parts, lora_A, float(scale), dropout_args, grad_x, ds,
+            splits > 1, dot_fp32,
+        )
+        launch = _gemm_or_dense(kernel[grid], ("dx", M, N, K, rank, dtype, blocksize, double_quant, False,
+                                               has_dropout), dense, config is not None, device)
+        launch(
             grad_y, *nf4, ds_parts, lora_A, seed_arg, grad_x, ds,
             M, N, K, rank, splits, float(scale), threshold, inv_keep,
             grad_y.stride(0), grad_y.stride(1), ds_parts.stride(0), lora_A.stride(0), lora_A.stride(1),
