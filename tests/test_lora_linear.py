@@ -107,6 +107,13 @@ def gold(p: Problem, x: Optional[torch.Tensor] = None, grad_y: Optional[torch.Te
     return (y, s, *grads)
 
 
+@pytest.fixture(autouse=True)
+def _fused_route(monkeypatch):
+    # These tests are the fused GEMMs' (on a GPU the first call of a large-M shape would otherwise time them against
+    # dequantize + cuBLAS and might check the latter's output instead); test_dense_route.py tests the dense route.
+    monkeypatch.setenv("QLORA_KERNELS_ROUTE", "fused")
+
+
 def _skip_interpreted_bf16(dtype: torch.dtype, backend: str = "triton") -> None:
     if backend == "triton" and dtype == torch.bfloat16 and interpreting():
         pytest.skip("bfloat16 through Triton needs a GPU (the interpreter's bf16 dot is wrong)")
