@@ -9,7 +9,9 @@ keeps what it found).
 2. NF4 quantize and dequantize against bitsandbytes on the same device: the same packed bytes and absmax codes, the
    same dequantized weight;
 3. one step of PagedAdamW (32-bit) against torch.optim.AdamW and of PagedAdamW8bit against bitsandbytes'
-   PagedAdamW8bit, from the same start.
+   PagedAdamW8bit, from the same start;
+4. the bf16 GEMMs' register decode (triton_kernels/nf4_asm.py, inline asm the CPU cannot run) against its plain
+   Triton twin: the same forward output, bit for bit, at M = 16 and 4096 (the first candidate of each family).
 
 Runs the first autotuning candidate of each kernel (QLORA_KERNELS_AUTOTUNE=0): correctness needs no tuning, and
 the benchmark stage then finds these kernels compiled in Triton's cache. On a GPU the groups of checks (one per M,
@@ -118,6 +120,32 @@ def check_optimizer_step(device: torch.device, bits: int) -> dict:
     return {"ok": err <= tol, "update_relative_error": float(f"{err:.3e}"), "tolerance": tol}
 
 
+def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int = 16) -> dict:
+    """The fused forward with the register decode's inline asm and with its twin: identical bf16 outputs (the two
+    produce the same weights bit for bit, so the same MMAs follow)."""
+    import qlora_kernels as qk
+    from qlora_kernels.triton_kernels import lora_linear as launch
+    from qlora_kernels.triton_kernels import lora_linear_gemm as gemm
+    from qlora_kernels.triton_kernels import lora_linear_tiles as tiles
+
+    if device.type != "cuda":
+        return {"ok": True, "skipped": "inline asm needs a GPU"}
+    w4 = qk.NF4Weight.quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    a = torch.randn(r, k, device=device, dtype=torch.bfloat16) * k**-0.5
+    b = torch.randn(n, r, device=device, dtype=torch.bfloat16) * r**-0.5
+    first = gemm.gemm_configs("fwd", m <= gemm.SMALL_M, True, every_candidate=True)[0]
+    config = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+    storage = w4.op_storage()
+    outs = {}
+    for name, mode in (("asm", tiles.DECODE_REGISTERS_ASM.value), ("twin", tiles.DECODE_REGISTERS_TWIN.value)):
+        outs[name], _ = launch.nf4_lora_linear_fwd(x, *storage, a, b, 2.0, None, 0.0, None, config=config,
+                                                   decode=mode)
+    same = torch.equal(outs["asm"].view(torch.int16), outs["twin"].view(torch.int16))
+    return {"ok": same, "bitwise_equal": same, "max_abs_difference": (outs["asm"].float() - outs["twin"].float())
+            .abs().max().item(), "config": str(first)}
+
+
 def checks_for(device: torch.device, small: bool) -> list[tuple[str, str, Callable[[], dict]]]:
     """[(group, name, check)]: one group per M (each compiles its own kernels) and one for NF4 + the optimizers."""
     shapes = [(256, 256), (512, 256)] if small else [(4096, 4096), (14336, 4096)]
@@ -132,6 +160,10 @@ def checks_for(device: torch.device, small: bool) -> list[tuple[str, str, Callab
     checks.append(("nf4+optim", "PagedAdamW step vs torch AdamW", lambda: check_optimizer_step(device, 32)))
     checks.append(("nf4+optim", "PagedAdamW8bit step vs bitsandbytes PagedAdamW8bit",
                    lambda: check_optimizer_step(device, 8)))
+    for m in (16, 64 if small else 4096):
+        n, k = shapes[0]
+        checks.append(("decode", f"register decode asm vs twin, fused fwd M={m} {n}x{k}",
+                       lambda n=n, k=k, m=m: check_register_decode(device, n, k, m)))
     return checks
 
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from qlora_kernels import reference
+from qlora_kernels.triton_kernels import lora_linear as launch
 from qlora_kernels.triton_kernels import lora_linear_tiles as tiles
 from qlora_kernels.triton_kernels import nf4_asm
 
@@ -26,9 +27,10 @@ def expected_bits(nibble: int, absmax: float) -> int:
 
 
 def unpack(regs: dict[str, int]) -> tuple[list[int], list[int]]:
-    """(high-nibble weights, low-nibble weights) of the 4 bytes, as 16-bit patterns, from the output registers."""
-    hi = [(regs["$h0"] >> (16 * j)) & 0xFFFF for j in range(2)] + [(regs["$h1"] >> (16 * j)) & 0xFFFF for j in range(2)]
-    lo = [(regs["$l0"] >> (16 * j)) & 0xFFFF for j in range(2)] + [(regs["$l1"] >> (16 * j)) & 0xFFFF for j in range(2)]
+    """(high-nibble weights, low-nibble weights) of the 4 bytes, as 16-bit patterns, from the output registers:
+    register $p<j> holds byte j's pair, the high nibble's weight (the even column) in its low half."""
+    hi = [regs[f"$p{j}"] & 0xFFFF for j in range(4)]
+    lo = [regs[f"$p{j}"] >> 16 for j in range(4)]
     return hi, lo
 
 
@@ -165,3 +167,41 @@ def test_compiled_asm_matches_the_twin_bit_for_bit(shape):
         assert torch.equal(lo.view(torch.int16), twin_lo.view(torch.int16))
         want_hi, want_lo = _expected(byte, absmax)
         assert torch.equal(hi.view(torch.int16), want_hi.view(torch.int16))
+
+
+def test_decode_mode_follows_dtype_and_the_override(monkeypatch):
+    monkeypatch.delenv("QLORA_KERNELS_NF4_DECODE", raising=False)
+    registers = tiles.DECODE_REGISTERS_TWIN.value if launch.interpreting() else tiles.DECODE_REGISTERS_ASM.value
+    assert launch.decode_mode(torch.bfloat16) == registers
+    assert launch.decode_mode(torch.float16) == launch.decode_mode(torch.float32) == tiles.DECODE_GATHER.value
+    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", "gather")
+    assert launch.decode_mode(torch.bfloat16) == tiles.DECODE_GATHER.value
+    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", "twin")
+    assert launch.decode_mode(torch.bfloat16) == tiles.DECODE_REGISTERS_TWIN.value
+    assert launch.decode_mode(torch.float16) == tiles.DECODE_GATHER.value
+    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", "asm-please")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_NF4_DECODE"):
+        launch.decode_mode(torch.bfloat16)
+
+
+@pytest.mark.parametrize("M", [1, 33])
+def test_bf16_fused_forward_is_right_with_either_decode(triton_device, monkeypatch, M):
+    # Both bf16 decodes against the float64 reference (DESIGN.md's bf16 tolerance), through the launcher.
+    import qlora_kernels as qk
+    from qlora_kernels import reference as ref
+
+    N, K, r = 96, 192, 8
+    w4 = qk.NF4Weight.quantize(torch.randn(N, K, dtype=torch.float32).to(triton_device) * K**-0.5)
+    x = torch.randn(M, K, device=triton_device).to(torch.bfloat16)
+    a = (torch.randn(r, K, device=triton_device) * K**-0.5).to(torch.bfloat16)
+    b = (torch.randn(N, r, device=triton_device) * r**-0.5).to(torch.bfloat16)
+    storage = w4.op_storage()
+    want, _ = ref.nf4_lora_linear_fwd(x.double(), *storage, a.double(), b.double(), 2.0, None, 0.0, None)
+    outs = {}
+    for mode in ("gather", "twin"):
+        monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", mode)
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=triton_device)
+        outs[mode], _ = launch.nf4_lora_linear_fwd(x, *storage, a, b, 2.0, None, 0.0, None, out=out)
+        err = ((outs[mode].double() - want).norm() / want.norm()).item()
+        assert err < 1e-2, (mode, err)
+        assert torch.isfinite(outs[mode]).all()

@@ -67,9 +67,11 @@ def test_loopless_kernel_is_counted_whole():
     assert st["scope"] == "kernel" and st["instructions"] == 4 and st["loops"] == 0
 
 
-def _result(non_mma: int, mma: int, bm: int, bn: int, bk: int, warps: int, family: str = "fwd_large_m") -> dict:
+def _result(non_mma: int, mma: int, bm: int, bn: int, bk: int, warps: int, family: str = "fwd_large_m",
+            integer: int = 0) -> dict:
     return {"family": family, "num_warps": warps, "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-            "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 0}}
+            "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 0,
+                          "by_class": {"integer": integer}}}
 
 
 def test_closed_form_of_issue_over_tensor():
@@ -81,8 +83,19 @@ def test_closed_form_of_issue_over_tensor():
     assert fig["issue_over_tensor"] == pytest.approx(16 * 11.75 / 128)
 
 
+def test_integer_pipe_runs_at_half_the_issue_rate():
+    # 64 INT32 lanes per SM: a warp's integer instruction holds its scheduler's share for 2 clocks.
+    fig = sm.per_iteration(_result(376, 32, 128, 128, 64, 8, integer=300))
+    assert fig["int_clocks"] == 300 * 8 * 32 / 64
+    assert fig["int_over_tensor"] == pytest.approx(fig["int_clocks"] / 512)
+    assert fig["int_lane_instr_per_element"] == pytest.approx(300 * 8 * 32 / (128 * 64))
+    # An integer-heavy loop is bound by that pipe, not by issue.
+    b = sm.gemm_bounds("fwd", _result(376, 32, 128, 128, 64, 8, integer=300), 4096, 4096, 4096, 16)
+    assert b["bound"] == "int" and b["time_us"] == b["int_us"] > b["issue_us"]
+
+
 def test_bounds_take_waves_and_bytes_into_account():
-    r = _result(100, 16, 128, 128, 64, 8)
+    r = _result(100, 16, 128, 128, 64, 8, integer=80)
     b = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
     programs = 32 * 32
     assert b["programs"] == programs and b["iterations"] == 64
@@ -92,7 +105,8 @@ def test_bounds_take_waves_and_bytes_into_account():
     nbytes = sm.gemm_bytes("fwd", 4096, 4096, 4096, 16)
     assert nbytes > 4096 * 4096 // 2 + 2 * 2 * 4096 * 4096
     assert b["memory_us"] == pytest.approx(nbytes / 4.3e12 * 1e6)
-    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["memory_us"])
+    assert b["int_us"] == pytest.approx(per_sm * 64 * (80 * 8 * 32 / 64) / 1.98e9 * 1e6)
+    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["memory_us"])
     # Split-K: programs multiply, iterations divide.
     r["constexprs"]["SPLIT_K"] = 4
     b4 = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)

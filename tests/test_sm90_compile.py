@@ -43,7 +43,7 @@ def test_every_configuration_compiles_for_sm90(report):
     families = {r["family"] for r in results}
     assert families == {
         "fwd_large_m", "fwd_small_m", "bwd_dx_large_m", "bwd_dx_small_m", "rows", "cols",
-        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize",
+        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize", "lora_term",
     }
 
 
@@ -122,9 +122,10 @@ def _config(model, name):
 
 
 DECODE_GOAL = pytest.mark.xfail(
-    strict=True, reason="issue 11: the decode loop is not rebuilt yet (codebook gathers staged through shared memory)"
+    strict=True, reason="issue 11: the register decode brought the loop to ~5.5 lane-instructions per weight; the "
+    "decoded tile's round trip through shared memory (Triton's layout conversion to the wgmma operand), the "
+    "per-weight absmax multiply and the loop's fixed costs keep it above 4",
 )
-LARGE_M_GOAL = pytest.mark.xfail(strict=True, reason="issue 11: no large-M candidate decodes cheaply enough yet")
 
 
 @DECODE_GOAL
@@ -151,7 +152,6 @@ def test_decode_launches_enough_programs_for_132_sms(model, kind):
         assert chosen["programs"] >= model["machine"]["sms"], (shape["N"], chosen["name"], chosen["programs"])
 
 
-@LARGE_M_GOAL
 @pytest.mark.parametrize("family", ["fwd_large_m", "bwd_dx_large_m"])
 def test_a_large_m_candidate_issues_within_90_percent_of_its_tensor_time(model, family):
     ratios = {c["name"]: c["figures"]["issue_over_tensor"] for c in model["configs"]

@@ -41,6 +41,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from . import lora_linear_dense as dense  # noqa: E402
 from . import lora_linear_gemm as gemm  # noqa: E402
 from . import lora_linear_thin as thin  # noqa: E402
 from . import nf4  # noqa: E402
@@ -254,10 +255,11 @@ def _nf4_cases(quick: bool) -> list[Case]:
 def cases(quick: bool = False) -> list[Case]:
     """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family,
     one variant of the others)."""
-    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick)
+    dense_cases = [Case(*c, needs_wgmma=False) for c in dense.compile_cases(quick)]
+    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick) + dense_cases
 
 
-KERNEL_MODULES = (gemm, thin, nf4)
+KERNEL_MODULES = (gemm, thin, nf4, dense)
 
 
 def package_kernels() -> dict[str, Any]:

@@ -15,6 +15,7 @@ would write and re-read it in bf16.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -86,12 +87,22 @@ def _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device) -> tup
     ], double_quant
 
 
+_DECODE_CHOICES = {"auto": None, "gather": DECODE_GATHER, "twin": DECODE_REGISTERS_TWIN}
+
+
 def decode_mode(dtype: torch.dtype) -> int:
     """The GEMMs' DECODE constexpr: bf16 decodes in registers (``nf4_asm``; its plain-Triton twin under the
-    interpreter, which cannot run inline asm), fp16 and fp32 gather float32 levels (lora_linear_tiles)."""
-    if dtype != torch.bfloat16:
+    interpreter, which cannot run inline asm), fp16 and fp32 gather float32 levels (lora_linear_tiles).
+    ``QLORA_KERNELS_NF4_DECODE=gather`` (or ``twin``) replaces the inline asm on a GPU: the asm has not met a GPU
+    in this repository's CI, so a user can fall back without a new release (read at each call)."""
+    choice = os.environ.get("QLORA_KERNELS_NF4_DECODE", "auto").strip().lower() or "auto"
+    if choice not in _DECODE_CHOICES:
+        raise ValueError(f"QLORA_KERNELS_NF4_DECODE must be one of {sorted(_DECODE_CHOICES)}, got {choice!r}")
+    if dtype != torch.bfloat16 or choice == "gather":
         return DECODE_GATHER.value
-    return (DECODE_REGISTERS_TWIN if interpreting() else DECODE_REGISTERS_ASM).value
+    if choice == "twin" or interpreting():
+        return DECODE_REGISTERS_TWIN.value
+    return DECODE_REGISTERS_ASM.value
 
 
 def _m_bucket(M: int) -> int:
@@ -181,8 +192,11 @@ def nf4_lora_linear_fwd(
     out: Optional[torch.Tensor] = None,
     out_s: Optional[torch.Tensor] = None,
     config: Optional[dict[str, Any]] = None,
+    decode: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``; see the module docstring."""
+    """Forward: ``(y [M, N] in x's dtype, s = dropout(x) · lora_Aᵀ [M, r] float32)``; see the module docstring.
+    ``decode`` forces the GEMM's DECODE mode (``lora_linear_tiles.DECODE_*``; the GPU check compares the register
+    decode's asm with its twin); by default ``decode_mode(x.dtype)``."""
     M, N, K, rank = _check(x, packed, absmax, nested_absmax, offset, blocksize, lora_A, lora_B, bias)
     check_launchable(x, packed, absmax, nested_absmax, offset, lora_A, lora_B, bias, seed)
     device = x.device
@@ -205,7 +219,8 @@ def nf4_lora_linear_fwd(
         y, s, write_s, dot_fp32,
     )
     launch = _gemm_or_dense(kernel[grid], ("fwd", M, N, K, rank, x.dtype, blocksize, double_quant,
-                                           bias is not None, False), dense, config is not None, device)
+                                           bias is not None, False), dense,
+                            config is not None or decode is not None, device)
     launch(
         x, *nf4, s_parts, lora_B, bias_arg, y, s,
         M, N, K, rank, splits, float(scale),
@@ -213,7 +228,8 @@ def nf4_lora_linear_fwd(
         _m_bucket(M),
         BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
         BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
-        HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32, DECODE=decode_mode(x.dtype),
+        HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
+        DECODE=decode_mode(x.dtype) if decode is None else decode,
         **extra, **compile_options(enable_fp_fusion=False),
     )
     return y, s

@@ -120,9 +120,14 @@ def decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE: tl.constexpr):
     the prmt lookup (no memory access); DECODE_REGISTERS_TWIN computes the same bits with a gather, for the
     interpreter, which cannot run inline asm."""
     if DECODE == DECODE_REGISTERS_ASM:
-        w_hi, w_lo = tl.inline_asm_elementwise(
+        # One int32 per byte, its bf16 pair; split into two bf16 tensors by a register move that ptxas elides (the
+        # halves stay where they are, so Triton's join below costs nothing).
+        pair = tl.inline_asm_elementwise(
             _NF4_DECODE_PTX, nf4_asm.CONSTRAINTS, [byte, absmax, words[0], words[1], words[2], words[3]],
-            (tl.bfloat16, tl.bfloat16), False, nf4_asm.PACK,
+            tl.int32, True, nf4_asm.PACK,
+        )
+        w_hi, w_lo = tl.inline_asm_elementwise(
+            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], (tl.bfloat16, tl.bfloat16), True, 1
         )
     else:
         b = byte.to(tl.int32)

@@ -3,8 +3,9 @@
 The GEMM loops spent most of their issue slots on the codebook: ``tl.load(code_ptr + nibble)`` is a gather that
 the software pipeliner turns into one 4-byte ``cp.async`` per weight, with 64-bit address arithmetic for each (11-16
 lane-instructions per decoded weight in the sm_90 SASS). Here the codebook lives in the instruction stream and a
-packed 32-bit word of 8 NF4 codes becomes 8 bf16 weights ``bf16(bf16(level) · bf16(absmax))`` in about 28
-instructions (3.5 per weight), all on registers.
+packed 32-bit word of 8 NF4 codes becomes 8 bf16 weights ``bf16(bf16(level) · bf16(absmax))`` in 30 PTX
+instructions (ptxas shares the absmax conversions of equal blocks: about 27 in SASS, 3.4 per weight), all on
+registers.
 
 How one ``prmt`` looks up 4 codes at once. ``prmt.b32 d, a, b, c`` builds each byte of d from the 8 bytes of {b, a}:
 the low 3 bits of the selector nibble pick the byte, its bit 3 asks for that byte's sign (msb) replicated instead.
@@ -17,7 +18,9 @@ tables: low bytes of levels 0-7 and 8-15, high bytes of levels 0-7 and 8-15. For
 - ``x = prmt(w, w << 4, sel)`` in sign mode is 0xFF in every byte whose code has bit 3 set: byte j of w has h_j's
   bit 3 as its msb, byte j of ``w << 4`` has l_j's, and ``sel`` puts them in [l0, h0, l1, h1] order;
 - ``lop3(pa, pb, x)`` with LUT 0xD8 is ``x ? pb : pa``, once for the low bytes and once for the high bytes;
-- two byte permutes interleave those into bf16 pairs: [h0, h1] and [l0, l1].
+- two byte permutes interleave those into one bf16 pair per byte: [w(h_j), w(l_j)], the two adjacent columns of
+  the tile, already in the order the MMA operand wants (an output per nibble instead cost one more permute per
+  pair when Triton joined them).
 
 The absmax of each weight's block (float32) is rounded to bf16 and multiplied in (``mul.rn.bf16x2``: the product of
 two bf16 values is exact in float32, so this is float32 multiply, then one rounding). Compared with the reference's
@@ -40,16 +43,18 @@ import torch
 
 from qlora_kernels import reference
 
-# Operands: "$w" the packed word (4 bytes = 8 codes), "$a0".."$a3" the four weights' absmax (float32), "$h0"/"$h1"
-# the bf16 pairs of the high-nibble weights of bytes 0-1 / 2-3, "$l0"/"$l1" those of the low nibbles; "T.." the
-# codebook words; anything else a temporary.
+# Operands: "$w" the packed word (4 bytes = 8 codes), "$a0".."$a3" the four bytes' absmax (float32), "$p0".."$p3"
+# the bf16 pair of byte 0..3 (high-nibble weight in the low half); "T.." the codebook words; anything else a
+# temporary.
 PROGRAM: tuple[tuple, ...] = (
     ("shl", "w4", "$w", 4),
     ("xor", "sf", "$w", 0x88888888),
     ("shr", "shi", "$w", 16),
     ("shr", "sfhi", "sf", 16),
-    ("cvt_bf16x2", "am01", "$a1", "$a0"),  # high half from the first source: [a0 | a1 << 16]
-    ("cvt_bf16x2", "am23", "$a3", "$a2"),
+    ("cvt_bf16x2", "am0", "$a0", "$a0"),
+    ("cvt_bf16x2", "am1", "$a1", "$a1"),
+    ("cvt_bf16x2", "am2", "$a2", "$a2"),
+    ("cvt_bf16x2", "am3", "$a3", "$a3"),
     # bytes 0-1 of the word: codes [l0, h0, l1, h1]
     ("prmt", "x", "$w", "w4", 0x9D8C),
     ("prmt", "pa", "TL0", "TL1", "$w"),
@@ -58,10 +63,10 @@ PROGRAM: tuple[tuple, ...] = (
     ("prmt", "pa", "TH0", "TH1", "$w"),
     ("prmt", "pb", "TH2", "TH3", "sf"),
     ("lop3", "hb", "pa", "pb", "x", 0xD8),
-    ("prmt", "$h0", "lb", "hb", 0x7351),
-    ("prmt", "$l0", "lb", "hb", 0x6240),
-    ("mul_bf16x2", "$h0", "$h0", "am01"),
-    ("mul_bf16x2", "$l0", "$l0", "am01"),
+    ("prmt", "$p0", "lb", "hb", 0x4051),
+    ("prmt", "$p1", "lb", "hb", 0x6273),
+    ("mul_bf16x2", "$p0", "$p0", "am0"),
+    ("mul_bf16x2", "$p1", "$p1", "am1"),
     # bytes 2-3: codes [l2, h2, l3, h3]
     ("prmt", "x", "$w", "w4", 0xBFAE),
     ("prmt", "pa", "TL0", "TL1", "shi"),
@@ -70,16 +75,17 @@ PROGRAM: tuple[tuple, ...] = (
     ("prmt", "pa", "TH0", "TH1", "shi"),
     ("prmt", "pb", "TH2", "TH3", "sfhi"),
     ("lop3", "hb", "pa", "pb", "x", 0xD8),
-    ("prmt", "$h1", "lb", "hb", 0x7351),
-    ("prmt", "$l1", "lb", "hb", 0x6240),
-    ("mul_bf16x2", "$h1", "$h1", "am23"),
-    ("mul_bf16x2", "$l1", "$l1", "am23"),
+    ("prmt", "$p2", "lb", "hb", 0x4051),
+    ("prmt", "$p3", "lb", "hb", 0x6273),
+    ("mul_bf16x2", "$p2", "$p2", "am2"),
+    ("mul_bf16x2", "$p3", "$p3", "am3"),
 )
 
-# inline_asm_elementwise operand numbering with pack=4: the outputs' registers first (hi: 2 registers of 2 bf16,
-# lo: 2), then the inputs' (the 4 bytes in one register, the 4 float32 absmax values, then the four codebook words
+
+# inline_asm_elementwise operand numbering with pack=4: the outputs' registers first (one int32 per byte: its bf16
+# pair), then the inputs' (the 4 bytes in one register, the 4 float32 absmax values, then the four codebook words
 # that arrive as runtime values, 4 registers each - one is read).
-OPERANDS = {"$h0": 0, "$h1": 1, "$l0": 2, "$l1": 3, "$w": 4, "$a0": 5, "$a1": 6, "$a2": 7, "$a3": 8,
+OPERANDS = {"$p0": 0, "$p1": 1, "$p2": 2, "$p3": 3, "$w": 4, "$a0": 5, "$a1": 6, "$a2": 7, "$a3": 8,
             "TL0": 9, "TL2": 13, "TH0": 17, "TH2": 21}
 CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * 21)
 PACK = 4
@@ -187,8 +193,8 @@ def _mul_bf16x2(a: int, b: int) -> int:
 
 
 def emulate(word: int, absmax: Sequence[float]) -> dict[str, int]:
-    """Run ``PROGRAM`` on integers, as the GPU would: the packed ``word`` (4 bytes) and the 4 weights' float32
-    absmax give the output registers {"$h0", "$h1", "$l0", "$l1"} (each two bf16 bit patterns, element 0 low)."""
+    """Run ``PROGRAM`` on integers, as the GPU would: the packed ``word`` (4 bytes) and the 4 bytes' float32
+    absmax give the output registers {"$p0", .., "$p3"} (byte j's two bf16 bit patterns, the high nibble's low)."""
     regs: dict = {"$w": word & 0xFFFFFFFF}
     for i, value in enumerate(absmax):
         regs[f"$a{i}"] = float(value)
@@ -215,7 +221,7 @@ def emulate(word: int, absmax: Sequence[float]) -> dict[str, int]:
         else:  # pragma: no cover
             raise ValueError(op)
         regs[dst] = r
-    return {k: regs[k] for k in ("$h0", "$h1", "$l0", "$l1")}
+    return {k: regs[k] for k in ("$p0", "$p1", "$p2", "$p3")}
 
 
 def instruction_count() -> int:

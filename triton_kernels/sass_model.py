@@ -11,8 +11,14 @@ From those and the tile sizes it bounds the time of each benchmark shape on an H
 
     tensor = programs_per_SM · iterations · BM·BN·BK / MMA_MACS_PER_CLOCK / CLOCK
     issue  = programs_per_SM · iterations · (non-MMA instructions per warp · warps) / SCHEDULERS / CLOCK
+    int    = programs_per_SM · iterations · (integer-class instructions per warp · warps · 32) / INT_LANES / CLOCK
     memory = compulsory bytes / HBM_BYTES_PER_S
-    modelled time = max(tensor, issue, memory)        (perfect overlap; prologue and epilogue not counted)
+    modelled time = max(tensor, issue, int, memory)   (perfect overlap; prologue and epilogue not counted)
+
+``int`` is the integer pipe: an SM has half as many INT32 lanes as FP32 lanes, so a loop of integer, logic and
+byte-permute instructions (the NF4 decode) cannot run at the issue rate; it takes two clocks per warp-instruction.
+What the model leaves out, and the first GPU run must confirm: latencies and occupancy (it assumes every scheduler
+finds a ready warp), shared-memory bank conflicts, the rates of other pipes (conversions, shuffles), L2 behaviour.
 
 with programs_per_SM = ceil(programs / SMS) (wave quantisation). The assumptions are the constants in ``H200``.
 ``modelled_time_us(kind, M, N, K, r)`` answers from the committed ``sass_model.json`` (made by this tool under
@@ -41,6 +47,7 @@ class Machine:
     sms: int = 132
     clock_hz: float = 1.98e9
     schedulers_per_sm: int = 4  # one warp-instruction per scheduler per clock, 100 % issue efficiency
+    int_lanes_per_clock_per_sm: int = 64  # INT32 lanes (GH100: 64 per SM, half the FP32 lanes)
     hbm_bytes_per_s: float = 4.3e12  # HBM3e
     dense_bf16_flops: float = 989e12  # dense bf16 tensor-core peak (≈ 132 · 1.83e9 · 2 · 2048 · 2)
     mma_macs_per_clock_per_sm: int = 2048  # bf16 wgmma: BM·BN·BK / 2048 clocks per CTA-iteration
@@ -208,7 +215,7 @@ def elements_per_iteration(family: str, constexprs: dict[str, Any]) -> int:
     c = constexprs
     if family.startswith(("fwd", "bwd_dx")):
         return c["BLOCK_N"] * c["BLOCK_K"]
-    if family in ("rows", "cols"):
+    if family in ("rows", "cols", "lora_term"):
         return c["BLOCK_M"] * c["BLOCK_C"]
     if family == "nf4_dequantize":
         return 2 * c["BYTES_PER_PROGRAM"]
@@ -227,12 +234,15 @@ def per_iteration(result: dict[str, Any], machine: Machine = H200) -> dict[str, 
     elements = elements_per_iteration(result["family"], c)
     out = {
         "lane_instr_per_element": loop["non_mma"] * machine.lanes * warps / elements,
+        "int_lane_instr_per_element": loop["by_class"]["integer"] * machine.lanes * warps / elements,
         "issue_clocks": loop["non_mma"] * warps / machine.schedulers_per_sm,
+        "int_clocks": loop["by_class"]["integer"] * warps * machine.lanes / machine.int_lanes_per_clock_per_sm,
         "shared_bytes": loop["shared_bytes_per_warp"] * warps,
     }
     if result["family"].startswith(("fwd", "bwd_dx")) and loop["mma"]:
         out["tensor_clocks"] = c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / machine.mma_macs_per_clock_per_sm
         out["issue_over_tensor"] = out["issue_clocks"] / out["tensor_clocks"]
+        out["int_over_tensor"] = out["int_clocks"] / out["tensor_clocks"]
     return out
 
 
@@ -262,25 +272,28 @@ def gemm_bounds(kind: str, result: dict[str, Any], M: int, N: int, K: int, r: in
     issue = per_sm * iterations * fig["issue_clocks"] / machine.clock_hz
     nbytes = gemm_bytes(kind, M, N, K, r)
     memory = nbytes / machine.hbm_bytes_per_s
-    time = max(tensor, issue, memory)
+    integer = per_sm * iterations * fig["int_clocks"] / machine.clock_hz
+    time = max(tensor, issue, integer, memory)
     return {
         "programs": programs, "iterations": iterations, "tensor_us": tensor * 1e6, "issue_us": issue * 1e6,
-        "memory_us": memory * 1e6, "time_us": time * 1e6, "bound": ("tensor", "issue", "memory")[
-            [tensor, issue, memory].index(time)],
+        "int_us": integer * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
+        "bound": ("tensor", "issue", "int", "memory")[[tensor, issue, integer, memory].index(time)],
         "nf4_bytes_per_s": (N * K // 2) / time,
         "dense_fraction": (2 * M * N * K / machine.dense_bf16_flops) / time,
     }
 
 
 def thin_bounds(result: dict[str, Any], M: int, C: int, machine: Machine = H200) -> dict[str, float]:
-    """Modelled bounds (µs) of a thin pass streaming an [M, C] bf16 activation (issue or memory)."""
+    """Modelled bounds (µs) of a thin pass streaming an [M, C] bf16 activation (issue, integer pipe or memory)."""
     fig = per_iteration(result, machine)
     elements = M * C
     issue = elements * fig["lane_instr_per_element"] / machine.lane_instr_per_s
+    integer = elements * fig["int_lane_instr_per_element"] / (
+        machine.sms * machine.int_lanes_per_clock_per_sm * machine.clock_hz)
     memory = 2 * elements / machine.hbm_bytes_per_s
-    time = max(issue, memory)
-    return {"issue_us": issue * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
-            "bound": "issue" if issue >= memory else "memory"}
+    time = max(issue, integer, memory)
+    return {"issue_us": issue * 1e6, "int_us": integer * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
+            "bound": ("issue", "int", "memory")[[issue, integer, memory].index(time)]}
 
 
 _GEMM_FAMILY = {("fwd", True): "fwd_small_m", ("fwd", False): "fwd_large_m",
@@ -318,9 +331,18 @@ def build(report: list[dict[str, Any]], machine: Machine = H200) -> dict[str, An
                             cands.append({"name": cfg["name"], **bounds})
                 entry[kind] = {"candidates": cands,
                                "chosen": min(cands, key=lambda b: b["time_us"]) if cands else None}
+                if M > 16:  # the launcher's other route at training sizes: dequantize once + cuBLAS
+                    entry[kind]["dense_route"] = _dense_route(kind, M, N, K, machine)
             entry["thin"] = _thin_totals(configs, M, N, K, machine)
             model["shapes"].append(entry)
     return model
+
+
+def _dense_route(kind: str, M: int, N: int, K: int, machine: Machine = H200) -> dict[str, float]:
+    # lora_linear_dense's own model of its route (dequantize + LoRA term + cuBLAS at a stated fraction of peak).
+    from .lora_linear_dense import modelled_dense_route
+
+    return modelled_dense_route(kind, M, N, K, RANK, machine)
 
 
 def _thin_totals(configs, M, N, K, machine) -> dict[str, Optional[float]]:
@@ -354,8 +376,10 @@ def _committed_model() -> Optional[dict[str, Any]]:
 def modelled_time_us(kind: str, M: int, N: int, K: int, r: int, model: Optional[dict] = None) -> Optional[float]:
     """The model's H200 time in µs of the fused linear's ``kind`` ("fwd": thin S pass + forward GEMM; "fwd_bwd":
     also the backward's dX GEMM and its three thin passes) at x [M, K], W [N, K], rank r (bf16, blocksize 64,
-    double quantization), for the least-modelled-time candidate of each GEMM. None where the model has nothing:
-    no committed model, r ≠ 16, K not a multiple of 64 (the per-element decode path), or no candidate."""
+    double quantization), for the least-modelled-time candidate of each GEMM - at M > 16 the dense route
+    (dequantize + cuBLAS) counts as a candidate too, as the launcher's first-call measurement chooses between them.
+    None where the model has nothing: no committed model, r ≠ 16, K not a multiple of 64 (the per-element decode
+    path), or no candidate."""
     if kind not in ("fwd", "fwd_bwd"):
         raise ValueError(f"kind must be 'fwd' or 'fwd_bwd', got {kind!r}")
     model = model if model is not None else _committed_model()
@@ -370,6 +394,8 @@ def modelled_time_us(kind: str, M: int, N: int, K: int, r: int, model: Optional[
                  if b is not None]
         if not times:
             return None
+        if M > 16:
+            times.append(_dense_route(gemm_kind, M, N, K)["time_us"])
         total += min(times)
     thin = _thin_totals(configs, M, N, K, H200)
     if thin["fwd_us"] is None:
@@ -394,14 +420,18 @@ def table(model: dict[str, Any]) -> str:
              f"{model['machine']['clock_hz'] / 1e9:.2f} GHz, {model['machine']['schedulers_per_sm']} schedulers/SM, "
              f"{model['machine']['hbm_bytes_per_s'] / 1e12:.1f} TB/s, "
              f"{model['machine']['dense_bf16_flops'] / 1e12:.0f} TFLOP/s bf16; Triton {model.get('triton')}",
-             f"{'configuration':<92} {'instr':>5} {'mma':>4} {'lane/el':>7} {'iss/tc':>6} {'smemB':>7}"]
+             f"{'configuration':<92} {'instr':>5} {'mma':>4} {'lane/el':>7} {'int/el':>6} {'iss/tc':>6} "
+             f"{'int/tc':>6} {'smemB':>7}"]
     for cfg in model["configs"]:
         f, loop = cfg["figures"], cfg["main_loop"]
         ratio = f"{f['issue_over_tensor']:.2f}" if "issue_over_tensor" in f else "-"
+        int_ratio = f"{f['int_over_tensor']:.2f}" if "int_over_tensor" in f else "-"
         lines.append(f"{cfg['name']:<92} {loop['instructions']:>5} {loop['mma']:>4} "
-                     f"{f['lane_instr_per_element']:>7.2f} {ratio:>6} {f['shared_bytes']:>7}")
+                     f"{f['lane_instr_per_element']:>7.2f} {f['int_lane_instr_per_element']:>6.2f} {ratio:>6} "
+                     f"{int_ratio:>6} {f['shared_bytes']:>7}")
     lines.append("")
-    lines.append(f"{'shape':<26} {'gemm':<4} {'chosen configuration':<70} {'tc_us':>7} {'iss_us':>7} {'mem_us':>7} "
+    lines.append(f"{'shape':<26} {'gemm':<4} {'chosen configuration':<70} {'tc_us':>7} {'iss_us':>7} {'int_us':>7} "
+                 f"{'mem_us':>7} "
                  f"{'time_us':>8} {'bound':>6} {'TB/s':>5} {'progs':>6}")
     for s in model["shapes"]:
         shape = f"M={s['M']} N={s['N']} K={s['K']}"
@@ -411,8 +441,13 @@ def table(model: dict[str, Any]) -> str:
                 lines.append(f"{shape:<26} {kind:<4} (none)")
                 continue
             lines.append(f"{shape:<26} {kind:<4} {_short(b['name']):<70} {b['tensor_us']:>7.1f} {b['issue_us']:>7.1f} "
-                         f"{b['memory_us']:>7.1f} {b['time_us']:>8.1f} {b['bound']:>6} "
+                         f"{b['int_us']:>7.1f} {b['memory_us']:>7.1f} {b['time_us']:>8.1f} {b['bound']:>6} "
                          f"{b['nf4_bytes_per_s'] / 1e12:>5.2f} {b['programs']:>6}")
+            dense = s[kind].get("dense_route")
+            if dense is not None:
+                lines.append(f"{shape:<26} {kind:<4} {'dense route: dequantize + LoRA term + cuBLAS':<70} "
+                             f"{'':>7} {'':>7} {'':>7} {'':>7} {dense['time_us']:>8.1f} {'':>6} "
+                             f"{s['N'] * s['K'] // 2 / dense['time_us'] / 1e6:>5.2f}")
     return "\n".join(lines)
 
 
