@@ -1,5 +1,6 @@
 // Fast CPU kernels for NF4 (issue 14): quantize, dequantize, a fused decode-GEMV for small M, dequantization of
-// row tiles that feed the BLAS GEMM for large M, and the dropout hash mask. Registered as torch.ops.qk_cpu.*;
+// row tiles that feed the BLAS GEMM for large M, the dropout hash mask, and the fused linear's forward and backward
+// as one call each. Registered as torch.ops.qk_cpu.*;
 // qlora_kernels/cpu_kernels.py composes them into the reference's four entry points.
 //
 // Semantics are those of qlora_kernels/reference.py (the executable spec): every value that decides a stored byte
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -409,13 +411,19 @@ void dequantize_rows_(const at::Tensor& packed, const at::Tensor& absmax, const 
 
 // ----------------------------------------------------------------------------------------- fused decode-GEMV
 //
-// y[m, n] = Σ_k x[m, k] · code[w[n, k]] · absmax[block(n, k)], for small M: each weight byte is read once per call
-// (parallel over N), decoded in registers and never stored; each block's partial sum is multiplied by its absmax.
+// y[m, n] = Σ_k x[m, k] · code[w[n, k]] · absmax[block(n, k)] + (s_scaled[m] · B[n]) + bias[n], for small M: each
+// weight byte is read once per call, decoded in registers and never stored; each block's partial sum is multiplied
+// by its absmax; the r-wide LoRA term and the bias are added in the same pass (the epilogue of each output
+// element), so a decode call is one C++ call and one output allocation.
 // Where every row is whole blocks of >= 64 (K % blocksize == 0), 32 bytes decode at once with in-lane byte shuffles:
 // the four bytes of each level's float32 come from four 16-entry pshufb tables and are interleaved back into
 // floats, in an order that differs from the elements' (high nibbles, then low; lanes interleaved); x is permuted
-// once per call into that order, so no shuffle is spent putting the weights back. Other shapes decode each row into
-// a small buffer first.
+// once per call into that order, so no shuffle is spent putting the weights back. That decode (24 shuffles per 64
+// weights) is what bounds this kernel on AVX2: measured on a 2-core Zen 3, decoding alone takes 90 % of the GEMV's
+// time, and the weight bytes stream at well under the memory's bandwidth. Other shapes decode each row into a small
+// buffer first.
+// Rows are handed out in chunks from a shared counter rather than split once in halves, so that a thread slowed by
+// another process on a shared machine does not hold the whole call back.
 
 inline float dot_scalar(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
@@ -429,6 +437,35 @@ inline int64_t decode64_element(int q, int p) {
   const int h = q / 4, qq = q % 4;
   const int j = 4 * qq + (p < 4 ? p : 12 + p);
   return 2 * j + h;
+}
+
+// The LoRA term and bias of the GEMV's epilogue: y[m, n] = acc + s[m] · b[n] + bias[n] (s: s_scaled [M, r],
+// b: lora_B [N, r], both float32; bias float32 [N] or none), in the reference's order (product, + LoRA, + bias).
+struct LoraTerm {
+  const float* s = nullptr;
+  const float* b = nullptr;
+  const float* bias = nullptr;
+  int64_t r = 0;
+};
+
+// Rows handed out in chunks from a shared counter by one parallel region (or all on this thread when `parallel` is
+// false or the call is already inside a parallel region): fn(n0, n1) for consecutive row ranges covering [0, N).
+template <typename Fn>
+void for_row_chunks(int64_t N, int64_t chunk, bool parallel, const Fn& fn) {
+  if (N <= 0) return;
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int64_t threads = parallel ? std::min<int64_t>(at::get_num_threads(), nchunks) : 1;
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, N);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    (void)t0;
+    (void)t1;
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) fn(c * chunk, std::min(N, (c + 1) * chunk));
+  });
 }
 
 #if QK_CPU_X86
@@ -445,6 +482,10 @@ QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   for (; i + 16 <= n; i += 16) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  if (i + 8 <= n) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    i += 8;
   }
   float s = hsum(_mm256_add_ps(s0, s1));
   for (; i < n; ++i) s += a[i] * b[i];
@@ -486,92 +527,123 @@ QK_AVX2 inline void decode64(const uint8_t* bytes, const Nf4ByteTables& tab, __m
   }
 }
 
-// Rows [n0, n1) for MB rows of x (xp: [MB, K], permuted per 64 elements), K % blocksize == 0, blocksize >= 64.
-template <int MB>
+// Rows [n0, n1) for MB rows of x (xp: [MB, K] permuted per 64 elements, row stride K; y and s from row m0 on),
+// K % blocksize == 0, blocksize >= 64. Each block's products go to NP independent partial sums (short FMA chains,
+// so that consecutive blocks overlap), which are summed, scaled by the block's absmax and accumulated.
+template <int MB, bool BLOCK64, typename T>
 QK_AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, int shift, int64_t K, const float* xp,
-                            int64_t n0, int64_t n1, float* y, int64_t ldy) {
+                            int64_t n0, int64_t n1, const LoraTerm& lt, int64_t m0, T* y, int64_t ldy) {
+  constexpr int NP = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   const Nf4ByteTables tab = nf4_byte_tables();
-  const int64_t bs = int64_t{1} << shift;
   const int64_t nblk = K >> shift;
+  const int64_t groups = BLOCK64 ? 1 : int64_t{1} << (shift - 6);  // 64-element groups per block
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wb = packed + ((n * K) >> 1);
+    const uint8_t* g = packed + ((n * K) >> 1);
     const int64_t b0 = (n * K) >> shift;
+    const float* xg = xp;
     __m256 tot[MB];
     for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      __m256 acc0[MB], acc1[MB];
-      for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-      for (int64_t g = blk * bs; g < (blk + 1) * bs; g += 64) {
+      __m256 p[MB][NP];
+      for (int64_t gi = 0; gi < groups; ++gi, g += 32, xg += 64) {
         __m256 f[8];
-        decode64(wb + (g >> 1), tab, f);
+        decode64(g, tab, f);
         for (int m = 0; m < MB; ++m) {
-          const float* xm = xp + m * K + g;
-          acc0[m] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xm), acc0[m]);
-          acc1[m] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xm + 8), acc1[m]);
-          acc0[m] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xm + 16), acc0[m]);
-          acc1[m] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xm + 24), acc1[m]);
-          acc0[m] = _mm256_fmadd_ps(f[4], _mm256_loadu_ps(xm + 32), acc0[m]);
-          acc1[m] = _mm256_fmadd_ps(f[5], _mm256_loadu_ps(xm + 40), acc1[m]);
-          acc0[m] = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xm + 48), acc0[m]);
-          acc1[m] = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xm + 56), acc1[m]);
+          const float* xm = xg + m * K;
+          for (int q = 0; q < 8; ++q) {
+            const __m256 xv = _mm256_loadu_ps(xm + 8 * q);
+            if (gi == 0 && q < NP) {
+              p[m][q % NP] = _mm256_mul_ps(f[q], xv);
+            } else {
+              p[m][q % NP] = _mm256_fmadd_ps(f[q], xv, p[m][q % NP]);
+            }
+          }
         }
       }
+      // Decoded here rather than for the whole row first: this scalar work overlaps the vector work (measured: a
+      // separate pass over the row's absmax cost 8 % of the GEMV).
       const __m256 s = _mm256_set1_ps(absmax[b0 + blk]);
-      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), s, tot[m]);
+      for (int m = 0; m < MB; ++m) {
+        __m256 q = p[m][0];
+        if (NP == 4) {
+          q = _mm256_add_ps(_mm256_add_ps(p[m][0], p[m][1]), _mm256_add_ps(p[m][2 % NP], p[m][3 % NP]));
+        } else if (NP == 2) {
+          q = _mm256_add_ps(p[m][0], p[m][1 % NP]);
+        }
+        tot[m] = _mm256_fmadd_ps(q, s, tot[m]);
+      }
     }
-    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(tot[m]);
+    // Epilogue: the LoRA term joins the accumulator eight products at a time (one horizontal sum per output).
+    const float* bn = lt.b + n * lt.r;
+    for (int m = 0; m < MB; ++m) {
+      const float* sm = lt.s + (m0 + m) * lt.r;
+      int64_t j = 0;
+      for (; j + 8 <= lt.r; j += 8) tot[m] = _mm256_fmadd_ps(_mm256_loadu_ps(sm + j), _mm256_loadu_ps(bn + j), tot[m]);
+      float v = hsum(tot[m]);
+      for (; j < lt.r; ++j) v += sm[j] * bn[j];
+      if (lt.bias) v += lt.bias[n];
+      y[(m0 + m) * ldy + n] = from_f32<T>(v);
+    }
   }
 }
 #endif
 
-// y [M, N] float32 = x [M, K] float32 · deq(W)ᵀ.
-at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& offset,
-                    const c10::optional<at::Tensor>& nested_code, int64_t blocksize, int64_t N) {
-  const int shift = log2_exact(blocksize, "blocksize");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "qk_cpu.nf4_gemv: x must be float32 [M, K] on the CPU");
-  at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  const uint8_t* p = packed_bytes(packed, N * K);
-  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, blocks_of(N * K, blocksize));
-  const Absmax a = am.view;
-  at::Tensor y = at::empty({M, N}, xc.options());
-  if (M == 0 || N == 0) return y;
-  float* yp = y.data_ptr<float>();
-  const float* xptr = xc.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+// y [M, N] (T) = xf [M, K] · deq(W)ᵀ + the epilogue's LoRA term and bias.
+template <typename T>
+void gemv_lora(const float* xf, int64_t M, int64_t K, const uint8_t* p, const Absmax& a, int shift, int64_t N,
+               const LoraTerm& lt, T* y) {
+  if (M == 0 || N == 0) return;
+  // Below ~64K weight·rows a second thread costs more to wake than it saves.
+  const bool parallel = N * K * std::min<int64_t>(M, 4) >= (int64_t{1} << 16);
+  // Chunks of about 64 KiB of packed bytes, at least ~8 per thread so that a slow thread's share can move.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min((int64_t{1} << 17) / std::max<int64_t>(K, 1), (N + 8 * threads - 1) / (8 * threads)));
 #if QK_CPU_X86
-  if (has_avx2() && shift >= 6 && K % blocksize == 0) {
-    at::Tensor xp = at::empty_like(xc);
-    float* xpp = xp.data_ptr<float>();
+  if (has_avx2() && shift >= 6 && K % (int64_t{1} << shift) == 0) {
+    static const auto perm = [] {
+      std::array<uint8_t, 64> t{};
+      for (int q = 0; q < 8; ++q)
+        for (int e = 0; e < 8; ++e) t[8 * q + e] = static_cast<uint8_t>(decode64_element(q, e));
+      return t;
+    }();
+    std::vector<float> xp(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < K; g += 64)
-        for (int q = 0; q < 8; ++q)
-          for (int e = 0; e < 8; ++e) xpp[m * K + g + 8 * q + e] = xptr[m * K + g + decode64_element(q, e)];
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        for (int i = 0; i < 64; ++i) xp[m * K + g + i] = xf[m * K + g + perm[i]];
+    for_row_chunks(N, chunk, parallel, [&](int64_t n0, int64_t n1) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) gemv_rows_avx2<4>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
-      for (; m + 2 <= M; m += 2) gemv_rows_avx2<2>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
-      for (; m < M; ++m) gemv_rows_avx2<1>(p, a, shift, K, xpp + m * K, n0, n1, yp + m * N, N);
+      if (shift == 6) {
+        for (; m + 4 <= M; m += 4) gemv_rows_avx2<4, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+        for (; m + 2 <= M; m += 2) gemv_rows_avx2<2, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+        for (; m < M; ++m) gemv_rows_avx2<1, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+      } else {
+        for (; m + 4 <= M; m += 4) gemv_rows_avx2<4, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+        for (; m + 2 <= M; m += 2) gemv_rows_avx2<2, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+        for (; m < M; ++m) gemv_rows_avx2<1, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
+      }
     });
-    return y;
+    return;
   }
 #endif
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  for_row_chunks(N, chunk, parallel, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
     for (int64_t n = n0; n < n1; ++n) {
       dequant_range<float>(p, a, shift, n * K, K, row.data());
       for (int64_t m = 0; m < M; ++m) {
 #if QK_CPU_X86
-        yp[m * N + n] = has_avx2() ? dot_avx2(xptr + m * K, row.data(), K) : dot_scalar(xptr + m * K, row.data(), K);
+        const bool simd = has_avx2();
+        float v = simd ? dot_avx2(xf + m * K, row.data(), K) : dot_scalar(xf + m * K, row.data(), K);
+        if (lt.r > 0) v += simd ? dot_avx2(lt.s + m * lt.r, lt.b + n * lt.r, lt.r) : dot_scalar(lt.s + m * lt.r, lt.b + n * lt.r, lt.r);
 #else
-        yp[m * N + n] = dot_scalar(xptr + m * K, row.data(), K);
+        float v = dot_scalar(xf + m * K, row.data(), K);
+        if (lt.r > 0) v += dot_scalar(lt.s + m * lt.r, lt.b + n * lt.r, lt.r);
 #endif
+        if (lt.bias) v += lt.bias[n];
+        y[m * N + n] = from_f32<T>(v);
       }
     }
   });
-  return y;
 }
 // ------------------------------------------------------------------------------------ tiled dequantize + BLAS
 //
@@ -679,6 +751,145 @@ at::Tensor lora_dropout(const at::Tensor& x, int64_t seed, int64_t threshold, do
   return out;
 }
 
+// ------------------------------------------------------------------------------------- fused linear, whole
+//
+// The reference's nf4_lora_linear_fwd / _bwd in one C++ call each, so that a layer pays one Python-to-C++ crossing
+// per direction instead of a dozen small torch ops (on small layers, M = 512 and N = K = 256, those ops cost as much
+// as the GEMMs' difference to a dense layer). Roundings are the reference's: the r-wide intermediates are rounded to
+// x's dtype, already scaled, where they feed a product; products accumulate in float32.
+
+inline float round_to(float v, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return static_cast<float>(c10::BFloat16(v));
+    case at::kHalf: return static_cast<float>(c10::Half(v));
+    default: return v;
+  }
+}
+
+// dst = round_to(scale · src) elementwise (float32, the same shape), as the reference's (scale * s).to(dtype).
+at::Tensor scaled_rounded(const at::Tensor& src, double scale, at::ScalarType dtype) {
+  at::Tensor s = src.contiguous();
+  at::Tensor out = at::empty_like(s);
+  const float* a = s.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);  // torch multiplies a float32 tensor by a Python float in float32
+  for (int64_t i = 0, n = s.numel(); i < n; ++i) o[i] = round_to(sc * a[i], dtype);
+  return out;
+}
+
+at::Tensor float32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Inverted dropout of the 2-D x with the hash mask, in x's dtype (the reference's lora_dropout).
+at::Tensor dropout_of(const at::Tensor& x, bool dropout, int64_t seed, int64_t threshold, double keep_scale) {
+  return dropout ? lora_dropout(x, seed, threshold, keep_scale) : x;
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                       const c10::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1) && lora_A.device().is_cpu(), op,
+              ": lora_A must be [r, K] on the CPU");
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(1) == lora_A.size(0) && lora_B.device().is_cpu(), op,
+              ": lora_B must be [N, r] on the CPU");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == lora_B.size(0)), op, ": bias must be [N]");
+}
+
+// (y [M, N] in x's dtype, s = dropout(x) · Aᵀ [M, r] float32). `gemv`: the fused decode-GEMV (small M); else the
+// tiled dequantize + BLAS GEMM of nf4_matmul_acc_, accumulating into bias + s_scaled · Bᵀ.
+std::tuple<at::Tensor, at::Tensor> nf4_lora_fwd(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& offset,
+    const c10::optional<at::Tensor>& nested_code, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scale, const c10::optional<at::Tensor>& bias, bool dropout, int64_t seed,
+    int64_t threshold, double keep_scale, bool gemv, int64_t tile_elements) {
+  check_linear_args(x, lora_A, lora_B, bias, "qk_cpu.nf4_lora_fwd");
+  const int shift = log2_exact(blocksize, "blocksize");
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), r = lora_A.size(0);
+  const at::Tensor xf = float32_contiguous(x);
+  const at::Tensor a32 = float32_contiguous(lora_A), b32 = float32_contiguous(lora_B);
+  const c10::optional<at::Tensor> bias32 =
+      bias.has_value() ? c10::optional<at::Tensor>(float32_contiguous(*bias)) : c10::nullopt;
+  const at::Tensor xd = dropout ? float32_contiguous(dropout_of(x, true, seed, threshold, keep_scale)) : xf;
+  if (!gemv) {
+    at::Tensor s = at::mm(xd, a32.t());
+    const at::Tensor s_scaled = scaled_rounded(s, scale, dtype);
+    at::Tensor y = bias32.has_value() ? at::addmm(*bias32, s_scaled, b32.t()) : at::mm(s_scaled, b32.t());
+    nf4_matmul_acc_(y, xf, packed, absmax, nested_absmax, offset, nested_code, blocksize, N, K, true, tile_elements);
+    return {dtype == at::kFloat ? y : y.to(dtype), s};
+  }
+  const uint8_t* p = packed_bytes(packed, N * K);
+  AbsmaxArgs am(absmax, nested_absmax, offset, nested_code, blocks_of(N * K, blocksize));
+  at::Tensor s = at::empty({M, r}, xf.options());
+  {
+    const float* xdp = xd.data_ptr<float>();
+    const float* ap = a32.data_ptr<float>();
+    float* sp = s.data_ptr<float>();
+    const bool simd = has_avx2();
+    at::parallel_for(0, M * r, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)),
+                     [&](int64_t i0, int64_t i1) {
+                       for (int64_t i = i0; i < i1; ++i) {
+                         const float* xm = xdp + (i / r) * K;
+                         const float* aj = ap + (i % r) * K;
+#if QK_CPU_X86
+                         sp[i] = simd ? dot_avx2(xm, aj, K) : dot_scalar(xm, aj, K);
+#else
+                         (void)simd;
+                         sp[i] = dot_scalar(xm, aj, K);
+#endif
+                       }
+                     });
+  }
+  const at::Tensor s_scaled = scaled_rounded(s, scale, dtype);
+  LoraTerm lt;
+  lt.s = s_scaled.data_ptr<float>();
+  lt.b = b32.data_ptr<float>();
+  lt.bias = bias32.has_value() ? bias32->data_ptr<float>() : nullptr;
+  lt.r = r;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xf.data_ptr<float>();
+  switch (dtype) {
+    case at::kFloat: gemv_lora(xp, M, K, p, am.view, shift, N, lt, y.data_ptr<float>()); break;
+    case at::kBFloat16: gemv_lora(xp, M, K, p, am.view, shift, N, lt, y.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: gemv_lora(xp, M, K, p, am.view, shift, N, lt, y.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  return {y, s};
+}
+
+// (grad_x [M, K], grad_A [r, K], grad_B [N, r], grad_bias [N]); an undefined tensor (None) where not needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& s, const at::Tensor& packed,
+    const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& offset,
+    const c10::optional<at::Tensor>& nested_code, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scale, bool dropout, int64_t seed, int64_t threshold, double keep_scale,
+    bool need_x, bool need_A, bool need_B, bool need_bias, int64_t tile_elements) {
+  check_linear_args(x, lora_A, lora_B, c10::nullopt, "qk_cpu.nf4_lora_bwd");
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), r = lora_A.size(0);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N, "qk_cpu.nf4_lora_bwd: grad_y must be [M, N]");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == r, "qk_cpu.nf4_lora_bwd: s must be [M, r]");
+  const at::Tensor dy = float32_contiguous(grad_y);
+  at::Tensor grad_x, grad_A, grad_B, grad_bias;
+  at::Tensor ds_scaled;
+  if (need_x || need_A) ds_scaled = scaled_rounded(at::mm(dy, float32_contiguous(lora_B)), scale, dtype);
+  if (need_x) {
+    at::Tensor gx = at::mm(ds_scaled, float32_contiguous(lora_A));
+    if (dropout) gx = lora_dropout(gx, seed, threshold, keep_scale);
+    nf4_matmul_acc_(gx, dy, packed, absmax, nested_absmax, offset, nested_code, blocksize, N, K, false, tile_elements);
+    grad_x = dtype == at::kFloat ? gx : gx.to(dtype);
+  }
+  if (need_A) {
+    const at::Tensor xd = float32_contiguous(dropout_of(x, dropout, seed, threshold, keep_scale));
+    grad_A = at::mm(ds_scaled.t(), xd).to(lora_A.scalar_type());
+  }
+  if (need_B) grad_B = at::mm(dy.t(), scaled_rounded(s.to(at::kFloat), scale, dtype)).to(lora_B.scalar_type());
+  if (need_bias) grad_bias = dy.sum(0).to(dtype);
+  return {grad_x, grad_A, grad_B, grad_bias};
+}
+
 bool has_avx2_op() { return has_avx2(); }
 
 // Test hook: enable or disable the AVX2 paths (they stay off on CPUs without AVX2); returns the previous setting.
@@ -701,9 +912,15 @@ TORCH_LIBRARY(QK_CPU_LIBRARY, m) {
   m.def("dequantize_rows_(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code, "
         "int blocksize, int K, int row0, Tensor(a!) out) -> ()",
         &dequantize_rows_);
-  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, Tensor? nested_code, "
-        "int blocksize, int N) -> Tensor",
-        &nf4_gemv);
+  m.def("nf4_lora_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+        "Tensor? nested_code, int blocksize, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias, bool dropout, "
+        "int seed, int threshold, float keep_scale, bool gemv, int tile_elements) -> (Tensor, Tensor)",
+        &nf4_lora_fwd);
+  m.def("nf4_lora_bwd(Tensor grad_y, Tensor x, Tensor s, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+        "Tensor? offset, Tensor? nested_code, int blocksize, Tensor lora_A, Tensor lora_B, float scale, bool dropout, "
+        "int seed, int threshold, float keep_scale, bool need_x, bool need_A, bool need_B, bool need_bias, "
+        "int tile_elements) -> (Tensor, Tensor, Tensor, Tensor)",
+        &nf4_lora_bwd);
   m.def("nf4_matmul_acc_(Tensor(a!) out, Tensor a, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
         "Tensor? offset, Tensor? nested_code, int blocksize, int N, int K, bool transpose_w, int tile_elements) -> ()",
         &nf4_matmul_acc_);

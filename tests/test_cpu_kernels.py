@@ -265,3 +265,67 @@ def test_fused_linear_under_cpu_autocast_matches_the_bf16_call():
     want = qk.nf4_lora_linear(x.detach().bfloat16(), w4, a.bfloat16(), b.bfloat16(), 2.0)
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------- fused calls, every element written
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """torch.empty (and at::empty inside the C++ kernels) hands out NaN-filled memory: an output element a kernel
+    forgets to write stays NaN and fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+# (M, N, K, r, blocksize): row chunks that do not divide N (N = 1031 over K = 128 runs in parallel, 65-row chunks),
+# a single output row, r not a multiple of 8 (the epilogue's scalar tail), blocks of 128 (two 64-groups each), K % 64
+# != 0 (the row-buffer path), and the tiled path.
+WRITE_CASES = [(1, 1031, 128, 16, 64), (3, 1, 256, 5, 64), (8, 77, 192, 12, 64), (2, 129, 384, 8, 128),
+               (5, 43, 100, 3, 64), (9, 1031, 128, 16, 64)]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES, ids=str)
+def test_fused_calls_write_every_output_element(case):
+    m, n, k, r, blocksize = case
+    with nan_filled_allocations():
+        assert torch.isnan(torch.empty(4)).all()  # the premise of this test
+        for dtype in DTYPES:
+            _check_linear(case, dtype, True, 0.0, True)
+            _check_linear(case, dtype, False, 0.25, False)
+
+
+def test_strided_operands_match_the_reference():
+    storage = _storage(40, 96, 64, True)
+    x = torch.randn(96, 6).T  # [6, 96], K not the innermost stride
+    a = torch.randn(96, 4).T / 96**0.5
+    b = torch.randn(4, 40).T
+    bias = torch.randn(80)[::2]
+    for m in (1, 6):  # the decode-GEMV and (GEMV_MAX_ROWS = 0 below) the tiled path see the same strided views
+        for rows in (8, 0):
+            cpu_kernels.GEMV_MAX_ROWS, saved = rows, cpu_kernels.GEMV_MAX_ROWS
+            try:
+                y, s = cpu_kernels.nf4_lora_linear_fwd(x[:m], *storage, 64, a, b, 0.5, bias, 0.0, None)
+            finally:
+                cpu_kernels.GEMV_MAX_ROWS = saved
+            d = torch.float64
+            y_ref, s_ref = reference.nf4_lora_linear_fwd(x[:m].to(d), *storage, 64, a.to(d), b.to(d), 0.5,
+                                                         bias.to(d), 0.0, None)
+            assert_close_normwise(y, y_ref, torch.float32)
+            assert_close_normwise(s, s_ref, torch.float32)
+    grad_y = torch.randn(12, 6).T[:, ::2]  # [6, 6] of a wider buffer: not contiguous either
+    storage = _storage(6, 96, 64, False)
+    b6 = torch.randn(4, 6).T
+    _, s = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b6, 0.5, None, 0.0, None)
+    got = cpu_kernels.nf4_lora_linear_bwd(grad_y, x, s, *storage, 64, a, b6, 0.5, 0.0, None, True, True, True, True)
+    d = torch.float64
+    want = reference.nf4_lora_linear_bwd(grad_y.to(d), x.to(d), s.to(d), *storage, 64, a.to(d), b6.to(d), 0.5, 0.0,
+                                         None, True, True, True, True)
+    for g, w in zip(got, want):
+        assert_close_normwise(g, w, torch.float32)
