@@ -1,10 +1,12 @@
 """Functional API: ``nf4_lora_linear``, the fused NF4 + LoRA linear with autograd.
 
 Validates and normalises the arguments (dtypes, autocast, leading dimensions, the dropout seed), then calls the
-``qlora_kernels::nf4_lora_linear_fwd`` custom op, whose registered autograd runs ``qlora_kernels::nf4_lora_linear_bwd``.
-On CUDA both are Triton kernels that dequantize the NF4 weight on the fly (it is never materialised); on CPU they are
-the torch reference (``qlora_kernels.reference``), or the same Triton kernels through Triton's interpreter with
-``QLORA_KERNELS_BACKEND=triton`` and ``TRITON_INTERPRET=1``.
+``qlora_kernels::nf4_lora_linear_fwd`` custom op, whose registered autograd runs ``qlora_kernels::nf4_lora_linear_bwd``
+(:func:`qlora_kernels.ops.nf4_lora_linear`: a plain eager call on the C++ CPU kernels runs the same kernels and
+formula without the custom op's Python dispatch, see ops.py). On CUDA both are Triton kernels that dequantize the NF4
+weight on the fly (it is never materialised); on CPU they are the C++ CPU kernels (``qlora_kernels.cpu_kernels``),
+the torch reference (``qlora_kernels.reference``) with ``QLORA_KERNELS_BACKEND=torch``, or the same Triton kernels
+through Triton's interpreter with ``QLORA_KERNELS_BACKEND=triton`` and ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def nf4_lora_linear(
     seed = None
     if dropout > 0.0:
         seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
-    y, _ = ops.nf4_lora_linear_fwd(
+    y = ops.nf4_lora_linear(
         x2d,
         *w4.op_storage(),
         lora_A.to(dtype),

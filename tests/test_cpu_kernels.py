@@ -329,3 +329,86 @@ def test_strided_operands_match_the_reference():
                                          None, True, True, True, True)
     for g, w in zip(got, want):
         assert_close_normwise(g, w, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ eager fast path
+
+
+def _layer_problem(m: int, with_bias: bool = True):
+    torch.manual_seed(3)
+    w4 = qk.NF4Weight.quantize(torch.randn(48, 160), blocksize=64, double_quant=True)
+    x = torch.randn(m, 160, requires_grad=True)
+    a = torch.randn(4, 160, requires_grad=True)
+    b = torch.randn(48, 4, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True) if with_bias else None
+    return w4, x, a, b, bias
+
+
+def _run_layer(w4, x, a, b, bias, dropout):
+    leaves = [t for t in (x, a, b, bias) if t is not None]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(11)  # the dropout seed
+    y = qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias, dropout=dropout)
+    y.backward(torch.randn_like(y))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_eager_fast_path_matches_the_custom_op(m, dropout, monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cpu")
+    problem = _layer_problem(m)
+    fast = _run_layer(*problem, dropout)
+    monkeypatch.setattr(ops, "_plain_eager_call", lambda *tensors: False)
+    through_op = _run_layer(*problem, dropout)
+    for got, want in zip(fast, through_op):
+        assert torch.equal(got, want)  # the same kernels, called the same way
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_fast_path_only_in_plain_eager(monkeypatch):
+    """Plain eager calls on the C++ kernels bypass the custom op's dispatch; under a dispatch mode, the profiler or
+    another backend the op runs (traces and modes see qlora_kernels::nf4_lora_linear_fwd / _bwd)."""
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cpu")
+    calls = []
+    real = ops.nf4_lora_linear_fwd
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "nf4_lora_linear_fwd", counting)
+    w4, x, a, b, bias = _layer_problem(3)
+    qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias).sum().backward()
+    assert calls == []
+    with _OpNames() as mode:
+        qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias).sum().backward()
+    assert any("nf4_lora_linear_fwd" in name for name in mode.names)
+    assert any("nf4_lora_linear_bwd" in name for name in mode.names)
+    with torch.profiler.profile() as prof:
+        qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "qlora_kernels::nf4_lora_linear_fwd" in names and "qlora_kernels::nf4_lora_linear_bwd" in names
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "torch")
+    calls.clear()
+    qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias)
+    assert calls == [1]
+
+
+def test_eager_fast_path_refuses_double_backward(monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_BACKEND", "cpu")
+    w4, x, a, b, bias = _layer_problem(2)
+    y = qk.nf4_lora_linear(x, w4, a, b, 0.5, bias=bias)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        gx.sum().backward()
