@@ -43,12 +43,21 @@ def triton_device(device) -> torch.device:
     return device
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cpu"])
 def backend(request, monkeypatch) -> str:
-    """Run a test through the torch reference and through the Triton launchers (interpreted on CPU). Tests that take
-    this fixture make their tensors on ``device``, so on a GPU machine the Triton side runs compiled on CUDA."""
+    """Run a test through the torch reference, through the Triton launchers (interpreted on CPU) and through the C++
+    CPU kernels (``QLORA_KERNELS_BACKEND=cpu``, qlora_kernels/cpu_kernels.py). Tests that take this fixture make their
+    tensors on ``device``, so on a GPU machine the Triton side runs compiled on CUDA; the ``cpu`` side needs CPU
+    tensors and is skipped there."""
     if request.param == "triton" and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (this run turned the interpreter off)")
+    if request.param == "cpu":
+        if HAS_CUDA:
+            pytest.skip("the C++ CPU kernels serve CPU tensors; on a GPU machine the tests make theirs on the GPU")
+        from qlora_kernels import cpu_kernels
+
+        if not cpu_kernels.available():
+            pytest.skip("qlora_kernels._C lacks the C++ CPU kernels (csrc/nf4_cpu.cpp)")
     monkeypatch.setenv("QLORA_KERNELS_BACKEND", request.param)
     return request.param
 
