@@ -8,10 +8,8 @@ import re
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-
 from qlora_kernels import reference
+from qlora_kernels.triton_kernels import decode_check
 from qlora_kernels.triton_kernels import lora_linear as launch
 from qlora_kernels.triton_kernels import lora_linear_tiles as tiles
 from qlora_kernels.triton_kernels import nf4_asm
@@ -94,28 +92,14 @@ def test_code_table_carries_the_register_words():
     assert [w & 0xFFFFFFFF for w in words] == expected
 
 
-@triton.jit
-def _decode_kernel(byte_ptr, absmax_ptr, code_ptr, hi_ptr, lo_ptr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                   DECODE: tl.constexpr):
-    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    byte = tl.load(byte_ptr + offs)
-    absmax = tl.load(absmax_ptr + offs)
-    words = tiles.nf4_register_words(code_ptr, DECODE)
-    hi, lo = tiles.decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE)
-    tl.store(hi_ptr + offs, hi)
-    tl.store(lo_ptr + offs, lo)
-
-
-def _decode(device, decode: int, rows=16, cols=64, seed=0):
+def _decode(device, decode: int, seed=0):
     g = torch.Generator().manual_seed(seed)
+    rows, cols = decode_check.ROWS, decode_check.COLS
     byte = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
-    absmax = torch.rand(rows, cols, generator=g) * torch.tensor(ABSMAX)[torch.randint(0, len(ABSMAX), (rows, cols),
-                                                                                      generator=g)]
-    hi = torch.full((rows, cols), float("nan"), dtype=torch.bfloat16)
-    lo = hi.clone()
-    byte, absmax, hi, lo = (t.to(device) for t in (byte, absmax, hi, lo))
-    _decode_kernel[(1,)](byte, absmax, tiles.nf4_levels(device), hi, lo, ROWS=rows, COLS=cols, DECODE=decode)
-    return byte.cpu(), absmax.cpu(), hi.cpu(), lo.cpu()
+    pick = torch.randint(0, len(ABSMAX), (rows, cols), generator=g)
+    absmax = torch.rand(rows, cols, generator=g) * torch.tensor(ABSMAX)[pick]
+    hi, lo = decode_check.decode_pairs(byte.to(device), absmax.to(device), decode)
+    return byte, absmax, hi.cpu(), lo.cpu()
 
 
 def _to_bf16(x: torch.Tensor, truncate: bool) -> torch.Tensor:
@@ -156,13 +140,13 @@ def test_twin_computes_the_programs_bits(triton_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(16, 64), (64, 32), (8, 256)])
-def test_compiled_asm_matches_the_twin_bit_for_bit(shape):
+def test_compiled_asm_matches_the_twin_bit_for_bit():
     # The one thing the CPU cannot check: how Triton hands packed operands to the inline asm and takes its outputs.
     device = torch.device("cuda")
+    assert decode_check.register_decode_works(device)
     for seed in range(3):
-        byte, absmax, hi, lo = _decode(device, tiles.DECODE_REGISTERS_ASM.value, *shape, seed=seed)
-        _, _, twin_hi, twin_lo = _decode(device, tiles.DECODE_REGISTERS_TWIN.value, *shape, seed=seed)
+        byte, absmax, hi, lo = _decode(device, tiles.DECODE_REGISTERS_ASM.value, seed=seed)
+        _, _, twin_hi, twin_lo = _decode(device, tiles.DECODE_REGISTERS_TWIN.value, seed=seed)
         assert torch.equal(hi.view(torch.int16), twin_hi.view(torch.int16))
         assert torch.equal(lo.view(torch.int16), twin_lo.view(torch.int16))
         want_hi, want_lo = _expected(byte, absmax)
@@ -205,3 +189,45 @@ def test_bf16_fused_forward_is_right_with_either_decode(triton_device, monkeypat
         err = ((outs[mode].double() - want).norm() / want.norm()).item()
         assert err < 1e-2, (mode, err)
         assert torch.isfinite(outs[mode]).all()
+
+
+def test_check_tile_holds_every_byte_in_every_word_position():
+    byte, absmax = decode_check.check_tile(torch.device("cpu"))
+    words = byte.reshape(-1, 4)
+    for position in range(4):
+        assert set(words[:, position].tolist()) == set(range(256)), position
+    assert absmax.min() > 0 and absmax.max() < 1e31 and torch.isfinite(absmax).all()
+
+
+@pytest.mark.parametrize("outcome", ["same", "different", "error"])
+def test_first_use_check_disables_a_wrong_asm_with_a_warning(monkeypatch, outcome):
+    calls = []
+
+    def fake(byte, absmax, decode):
+        calls.append(decode)
+        if outcome == "error":
+            raise RuntimeError("ptxas failed")
+        hi = torch.zeros(byte.shape, dtype=torch.bfloat16)
+        if outcome == "different" and decode == tiles.DECODE_REGISTERS_ASM.value:
+            hi[3, 5] = 1.0
+        return hi, hi.clone()
+
+    monkeypatch.setattr(decode_check, "decode_pairs", fake)
+    monkeypatch.setattr(decode_check, "_VERIFIED", {})
+    device = torch.device("cpu")
+    if outcome == "same":
+        assert decode_check.register_decode_works(device)
+    else:
+        with pytest.warns(RuntimeWarning, match="register decode .* disabled"):
+            assert not decode_check.register_decode_works(device)
+    n = len(calls)
+    assert decode_check.register_decode_works(device) == (outcome == "same")  # cached: checked once per device
+    assert len(calls) == n
+
+
+def test_decode_pairs_refuses_wrong_tiles():
+    byte, absmax = decode_check.check_tile(torch.device("cpu"))
+    with pytest.raises(ValueError, match="byte"):
+        decode_check.decode_pairs(byte[:8], absmax, tiles.DECODE_REGISTERS_TWIN.value)
+    with pytest.raises(ValueError, match="absmax"):
+        decode_check.decode_pairs(byte, absmax.double(), tiles.DECODE_REGISTERS_TWIN.value)

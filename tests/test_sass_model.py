@@ -68,10 +68,10 @@ def test_loopless_kernel_is_counted_whole():
 
 
 def _result(non_mma: int, mma: int, bm: int, bn: int, bk: int, warps: int, family: str = "fwd_large_m",
-            integer: int = 0) -> dict:
+            integer: int = 0, imad: int = 0, fp: int = 0) -> dict:
     return {"family": family, "num_warps": warps, "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
             "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 0,
-                          "by_class": {"integer": integer}}}
+                          "by_class": {"integer": integer, "imad": imad, "fp": fp}}}
 
 
 def test_closed_form_of_issue_over_tensor():
@@ -94,6 +94,18 @@ def test_integer_pipe_runs_at_half_the_issue_rate():
     assert b["bound"] == "int" and b["time_us"] == b["int_us"] > b["issue_us"]
 
 
+def test_fma_pipe_takes_imad_at_half_rate():
+    # FP32 / packed-half instructions one FMA-pipe slot each, IMAD (ptxas' shifts and moves) two.
+    fig = sm.per_iteration(_result(376, 32, 128, 128, 64, 8, imad=100, fp=150))
+    assert fig["fma_clocks"] == (2 * 100 + 150) * 8 / 4
+    b = sm.gemm_bounds("fwd", _result(376, 32, 128, 128, 64, 8, imad=300, fp=100), 4096, 4096, 4096, 16)
+    assert b["bound"] == "fma" and b["fma_us"] > max(b["issue_us"], b["int_us"], b["tensor_us"])
+    # The classes: IMAD is its own, the logic / permute / add instructions the ALU's.
+    assert sm.Instruction(0, "IMAD", ".MOV.U32", "R1, RZ, RZ, R2").op_class == "imad"
+    assert sm.Instruction(0, "PRMT", "", "R1, R2, 0x7351, R3").op_class == "integer"
+    assert sm.Instruction(0, "HMUL2", ".BF16_V2", "R1, R2, R3").op_class == "fp"
+
+
 def test_bounds_take_waves_and_bytes_into_account():
     r = _result(100, 16, 128, 128, 64, 8, integer=80)
     b = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
@@ -106,7 +118,7 @@ def test_bounds_take_waves_and_bytes_into_account():
     assert nbytes > 4096 * 4096 // 2 + 2 * 2 * 4096 * 4096
     assert b["memory_us"] == pytest.approx(nbytes / 4.3e12 * 1e6)
     assert b["int_us"] == pytest.approx(per_sm * 64 * (80 * 8 * 32 / 64) / 1.98e9 * 1e6)
-    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["memory_us"])
+    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["fma_us"], b["memory_us"])
     # Split-K: programs multiply, iterations divide.
     r["constexprs"]["SPLIT_K"] = 4
     b4 = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)

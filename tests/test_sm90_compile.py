@@ -43,7 +43,7 @@ def test_every_configuration_compiles_for_sm90(report):
     families = {r["family"] for r in results}
     assert families == {
         "fwd_large_m", "fwd_small_m", "bwd_dx_large_m", "bwd_dx_small_m", "rows", "cols",
-        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize", "lora_term",
+        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize", "lora_term", "decode_check",
     }
 
 

@@ -41,6 +41,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from . import decode_check  # noqa: E402
 from . import lora_linear_dense as dense  # noqa: E402
 from . import lora_linear_gemm as gemm  # noqa: E402
 from . import lora_linear_thin as thin  # noqa: E402
@@ -256,10 +257,25 @@ def cases(quick: bool = False) -> list[Case]:
     """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family,
     one variant of the others)."""
     dense_cases = [Case(*c, needs_wgmma=False) for c in dense.compile_cases(quick)]
-    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick) + dense_cases
+    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick) + dense_cases + _decode_check_cases()
 
 
-KERNEL_MODULES = (gemm, thin, nf4, dense)
+def _decode_check_cases() -> list[Case]:
+    """The register decode's first-use check (``decode_check``), asm and twin: it runs on every GPU."""
+    t = _tensor
+    args = {"byte_ptr": t(torch.uint8), "absmax_ptr": t(torch.float32), "code_ptr": t(torch.float32),
+            "hi_ptr": t(torch.bfloat16), "lo_ptr": t(torch.bfloat16)}
+    from .lora_linear_tiles import DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN
+
+    return [
+        Case("decode_check", name, decode_check._decode_pairs_kernel, args,
+             {"ROWS": decode_check.ROWS, "COLS": decode_check.COLS, "DECODE": mode.value},
+             {"num_warps": 4, "num_stages": 1}, False)
+        for name, mode in (("asm", DECODE_REGISTERS_ASM), ("twin", DECODE_REGISTERS_TWIN))
+    ]
+
+
+KERNEL_MODULES = (gemm, thin, nf4, dense, decode_check)
 
 
 def package_kernels() -> dict[str, Any]:

@@ -23,6 +23,7 @@ import triton
 
 from qlora_kernels import reference
 
+from . import decode_check as _decode_check
 from . import lora_linear_dense as _dense
 from . import route as _route
 from ._common import check_launchable, compile_options, interpreting
@@ -90,11 +91,12 @@ def _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device) -> tup
 _DECODE_CHOICES = {"auto": None, "gather": DECODE_GATHER, "twin": DECODE_REGISTERS_TWIN}
 
 
-def decode_mode(dtype: torch.dtype) -> int:
+def decode_mode(dtype: torch.dtype, device: Optional[torch.device] = None) -> int:
     """The GEMMs' DECODE constexpr: bf16 decodes in registers (``nf4_asm``; its plain-Triton twin under the
-    interpreter, which cannot run inline asm), fp16 and fp32 gather float32 levels (lora_linear_tiles).
-    ``QLORA_KERNELS_NF4_DECODE=gather`` (or ``twin``) replaces the inline asm on a GPU: the asm has not met a GPU
-    in this repository's CI, so a user can fall back without a new release (read at each call)."""
+    interpreter, which cannot run inline asm), fp16 and fp32 gather float32 levels (lora_linear_tiles). On a CUDA
+    ``device`` the asm is used once ``decode_check`` has seen it decode exactly like its twin there (checked on the
+    first call, per device; otherwise a warning and the gather decode). ``QLORA_KERNELS_NF4_DECODE=gather`` (or
+    ``twin``) replaces the asm without that check (read at each call; ``auto`` is the default)."""
     choice = os.environ.get("QLORA_KERNELS_NF4_DECODE", "auto").strip().lower() or "auto"
     if choice not in _DECODE_CHOICES:
         raise ValueError(f"QLORA_KERNELS_NF4_DECODE must be one of {sorted(_DECODE_CHOICES)}, got {choice!r}")
@@ -102,6 +104,8 @@ def decode_mode(dtype: torch.dtype) -> int:
         return DECODE_GATHER.value
     if choice == "twin" or interpreting():
         return DECODE_REGISTERS_TWIN.value
+    if device is not None and device.type == "cuda" and not _decode_check.register_decode_works(device):
+        return DECODE_GATHER.value
     return DECODE_REGISTERS_ASM.value
 
 
@@ -229,7 +233,7 @@ def nf4_lora_linear_fwd(
         BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
         BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
         HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
-        DECODE=decode_mode(x.dtype) if decode is None else decode,
+        DECODE=decode_mode(x.dtype, device) if decode is None else decode,
         **extra, **compile_options(enable_fp_fusion=False),
     )
     return y, s
@@ -311,7 +315,7 @@ def nf4_lora_linear_bwd(
             _m_bucket(M),
             BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
             BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
-            HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32, DECODE=decode_mode(dtype),
+            HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32, DECODE=decode_mode(dtype, device),
             **extra, **compile_options(enable_fp_fusion=False),
         )
     elif need_A and splits > 1:

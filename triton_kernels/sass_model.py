@@ -12,11 +12,15 @@ From those and the tile sizes it bounds the time of each benchmark shape on an H
     tensor = programs_per_SM · iterations · BM·BN·BK / MMA_MACS_PER_CLOCK / CLOCK
     issue  = programs_per_SM · iterations · (non-MMA instructions per warp · warps) / SCHEDULERS / CLOCK
     int    = programs_per_SM · iterations · (integer-class instructions per warp · warps · 32) / INT_LANES / CLOCK
+    fma    = programs_per_SM · iterations · ((2 · IMAD + FP32/packed-half instructions) per warp · warps) / SCHEDULERS
+             / CLOCK
     memory = compulsory bytes / HBM_BYTES_PER_S
-    modelled time = max(tensor, issue, int, memory)   (perfect overlap; prologue and epilogue not counted)
+    modelled time = max(tensor, issue, int, fma, memory)   (perfect overlap; prologue and epilogue not counted)
 
-``int`` is the integer pipe: an SM has half as many INT32 lanes as FP32 lanes, so a loop of integer, logic and
-byte-permute instructions (the NF4 decode) cannot run at the issue rate; it takes two clocks per warp-instruction.
+``int`` is the ALU pipe: an SM has half as many INT32 lanes as FP32 lanes, so a loop of integer, logic and
+byte-permute instructions (the NF4 decode) cannot run at the issue rate; each takes two clocks of its scheduler's
+ALU. ``fma`` is the FMA pipe, which runs FP32 and packed-half arithmetic at one warp-instruction a clock and IMAD
+(ptxas turns shifts and moves into IMAD.SHL / IMAD.MOV to take them off the ALU) at half that rate.
 What the model leaves out, and the first GPU run must confirm: latencies and occupancy (it assumes every scheduler
 finds a ready warp), shared-memory bank conflicts, the rates of other pipes (conversions, shuffles), L2 behaviour.
 
@@ -47,7 +51,7 @@ class Machine:
     sms: int = 132
     clock_hz: float = 1.98e9
     schedulers_per_sm: int = 4  # one warp-instruction per scheduler per clock, 100 % issue efficiency
-    int_lanes_per_clock_per_sm: int = 64  # INT32 lanes (GH100: 64 per SM, half the FP32 lanes)
+    int_lanes_per_clock_per_sm: int = 64  # INT32 lanes (GH100: 64 per SM, half the FP32 lanes); IMAD's rate too
     hbm_bytes_per_s: float = 4.3e12  # HBM3e
     dense_bf16_flops: float = 989e12  # dense bf16 tensor-core peak (≈ 132 · 1.83e9 · 2 · 2048 · 2)
     mma_macs_per_clock_per_sm: int = 2048  # bf16 wgmma: BM·BN·BK / 2048 clocks per CTA-iteration
@@ -75,7 +79,7 @@ _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z][A-Z0-9_
 _BRANCH_TARGET = re.compile(r"^(0x[0-9a-f]+)")
 
 CLASSES = ("mma", "global_load", "async_copy", "shared_load", "shared_store", "global_store", "fp", "convert",
-           "integer", "uniform", "sync", "branch", "other")
+           "integer", "imad", "uniform", "sync", "branch", "other")
 _CLASS_OF = {
     **dict.fromkeys(["HGMMA", "HMMA", "IMMA", "DMMA", "QGMMA", "IGMMA"], "mma"),
     **dict.fromkeys(["LDG", "LD", "LDC"], "global_load"),
@@ -86,9 +90,10 @@ _CLASS_OF = {
     **dict.fromkeys(["FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "MUFU", "HADD2", "HMUL2", "HFMA2",
                      "HMNMX2", "HSETP2", "FCHK", "DADD", "DMUL", "DFMA", "FSWZADD"], "fp"),
     **dict.fromkeys(["F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND", "I2I"], "convert"),
-    **dict.fromkeys(["IMAD", "IADD3", "LOP3", "SHF", "LEA", "ISETP", "SEL", "IABS", "IMNMX", "VIMNMX", "PRMT",
+    **dict.fromkeys(["IMAD", "IMUL"], "imad"),
+    **dict.fromkeys(["IADD3", "LOP3", "SHF", "LEA", "ISETP", "SEL", "IABS", "IMNMX", "VIMNMX", "PRMT",
                      "MOV", "SGXT", "BMSK", "FLO", "POPC", "VIADD", "CS2R", "S2R", "P2R", "R2P", "PLOP3", "IDP",
-                     "SHFL", "BREV", "LOP", "IADD", "IMUL", "VIADDMNMX", "IMAD.WIDE"], "integer"),
+                     "SHFL", "BREV", "LOP", "IADD", "VIADDMNMX"], "integer"),
     **dict.fromkeys(["BAR", "SYNCS", "DEPBAR", "WARPGROUP", "WARPSYNC", "MEMBAR", "FENCE", "ARRIVES", "ERRBAR",
                      "CCTL", "VOTE", "VOTEU", "ELECT"], "sync"),
     **dict.fromkeys(["BRA", "EXIT", "BSSY", "BSYNC", "CALL", "RET", "JMP", "BRX", "YIELD", "BPT", "WARPSYNC.ALL"],
@@ -217,6 +222,8 @@ def elements_per_iteration(family: str, constexprs: dict[str, Any]) -> int:
         return c["BLOCK_N"] * c["BLOCK_K"]
     if family in ("rows", "cols", "lora_term"):
         return c["BLOCK_M"] * c["BLOCK_C"]
+    if family == "decode_check":
+        return 2 * c["ROWS"] * c["COLS"]
     if family == "nf4_dequantize":
         return 2 * c["BYTES_PER_PROGRAM"]
     if family == "nf4_quantize":
@@ -224,6 +231,12 @@ def elements_per_iteration(family: str, constexprs: dict[str, Any]) -> int:
     if family == "nf4_absmax_8bit":
         return c["NESTED"]
     raise ValueError(f"unknown family {family!r}")
+
+
+def _fma_slots(by_class: dict[str, int], machine: Machine) -> float:
+    # FMA-pipe issue slots of one warp: FP32 / packed-half instructions one each, IMAD (half rate) two.
+    return by_class.get("fp", 0) + by_class.get("imad", 0) * machine.lanes / (
+        machine.int_lanes_per_clock_per_sm / machine.schedulers_per_sm)
 
 
 def per_iteration(result: dict[str, Any], machine: Machine = H200) -> dict[str, Any]:
@@ -235,14 +248,17 @@ def per_iteration(result: dict[str, Any], machine: Machine = H200) -> dict[str, 
     out = {
         "lane_instr_per_element": loop["non_mma"] * machine.lanes * warps / elements,
         "int_lane_instr_per_element": loop["by_class"]["integer"] * machine.lanes * warps / elements,
+        "fma_lane_slots_per_element": _fma_slots(loop["by_class"], machine) * machine.lanes * warps / elements,
         "issue_clocks": loop["non_mma"] * warps / machine.schedulers_per_sm,
         "int_clocks": loop["by_class"]["integer"] * warps * machine.lanes / machine.int_lanes_per_clock_per_sm,
+        "fma_clocks": _fma_slots(loop["by_class"], machine) * warps / machine.schedulers_per_sm,
         "shared_bytes": loop["shared_bytes_per_warp"] * warps,
     }
     if result["family"].startswith(("fwd", "bwd_dx")) and loop["mma"]:
         out["tensor_clocks"] = c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / machine.mma_macs_per_clock_per_sm
         out["issue_over_tensor"] = out["issue_clocks"] / out["tensor_clocks"]
         out["int_over_tensor"] = out["int_clocks"] / out["tensor_clocks"]
+        out["fma_over_tensor"] = out["fma_clocks"] / out["tensor_clocks"]
     return out
 
 
@@ -273,11 +289,12 @@ def gemm_bounds(kind: str, result: dict[str, Any], M: int, N: int, K: int, r: in
     nbytes = gemm_bytes(kind, M, N, K, r)
     memory = nbytes / machine.hbm_bytes_per_s
     integer = per_sm * iterations * fig["int_clocks"] / machine.clock_hz
-    time = max(tensor, issue, integer, memory)
+    fma = per_sm * iterations * fig["fma_clocks"] / machine.clock_hz
+    time = max(tensor, issue, integer, fma, memory)
     return {
         "programs": programs, "iterations": iterations, "tensor_us": tensor * 1e6, "issue_us": issue * 1e6,
-        "int_us": integer * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
-        "bound": ("tensor", "issue", "int", "memory")[[tensor, issue, integer, memory].index(time)],
+        "int_us": integer * 1e6, "fma_us": fma * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
+        "bound": ("tensor", "issue", "int", "fma", "memory")[[tensor, issue, integer, fma, memory].index(time)],
         "nf4_bytes_per_s": (N * K // 2) / time,
         "dense_fraction": (2 * M * N * K / machine.dense_bf16_flops) / time,
     }
@@ -290,10 +307,11 @@ def thin_bounds(result: dict[str, Any], M: int, C: int, machine: Machine = H200)
     issue = elements * fig["lane_instr_per_element"] / machine.lane_instr_per_s
     integer = elements * fig["int_lane_instr_per_element"] / (
         machine.sms * machine.int_lanes_per_clock_per_sm * machine.clock_hz)
+    fma = elements * fig["fma_lane_slots_per_element"] / machine.lane_instr_per_s
     memory = 2 * elements / machine.hbm_bytes_per_s
-    time = max(issue, integer, memory)
-    return {"issue_us": issue * 1e6, "int_us": integer * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
-            "bound": ("issue", "int", "memory")[[issue, integer, memory].index(time)]}
+    time = max(issue, integer, fma, memory)
+    return {"issue_us": issue * 1e6, "int_us": integer * 1e6, "fma_us": fma * 1e6, "memory_us": memory * 1e6,
+            "time_us": time * 1e6, "bound": ("issue", "int", "fma", "memory")[[issue, integer, fma, memory].index(time)]}
 
 
 _GEMM_FAMILY = {("fwd", True): "fwd_small_m", ("fwd", False): "fwd_large_m",
@@ -431,7 +449,7 @@ def table(model: dict[str, Any]) -> str:
                      f"{int_ratio:>6} {f['shared_bytes']:>7}")
     lines.append("")
     lines.append(f"{'shape':<26} {'gemm':<4} {'chosen configuration':<70} {'tc_us':>7} {'iss_us':>7} {'int_us':>7} "
-                 f"{'mem_us':>7} "
+                 f"{'fma_us':>7} {'mem_us':>7} "
                  f"{'time_us':>8} {'bound':>6} {'TB/s':>5} {'progs':>6}")
     for s in model["shapes"]:
         shape = f"M={s['M']} N={s['N']} K={s['K']}"
@@ -441,12 +459,13 @@ def table(model: dict[str, Any]) -> str:
                 lines.append(f"{shape:<26} {kind:<4} (none)")
                 continue
             lines.append(f"{shape:<26} {kind:<4} {_short(b['name']):<70} {b['tensor_us']:>7.1f} {b['issue_us']:>7.1f} "
-                         f"{b['int_us']:>7.1f} {b['memory_us']:>7.1f} {b['time_us']:>8.1f} {b['bound']:>6} "
+                         f"{b['int_us']:>7.1f} {b['fma_us']:>7.1f} {b['memory_us']:>7.1f} {b['time_us']:>8.1f} "
+                         f"{b['bound']:>6} "
                          f"{b['nf4_bytes_per_s'] / 1e12:>5.2f} {b['programs']:>6}")
             dense = s[kind].get("dense_route")
             if dense is not None:
                 lines.append(f"{shape:<26} {kind:<4} {'dense route: dequantize + LoRA term + cuBLAS':<70} "
-                             f"{'':>7} {'':>7} {'':>7} {'':>7} {dense['time_us']:>8.1f} {'':>6} "
+                             f"{'':>7} {'':>7} {'':>7} {'':>7} {'':>7} {dense['time_us']:>8.1f} {'':>6} "
                              f"{s['N'] * s['K'] // 2 / dense['time_us'] / 1e6:>5.2f}")
     return "\n".join(lines)
 
