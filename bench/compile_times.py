@@ -40,6 +40,11 @@ def _cpu_seconds() -> float:
 def measure(select_all: bool = False) -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    # A fresh, empty Triton cache: a configuration compiled before (by the compile check, say) would otherwise be
+    # read from ~/.triton/cache in a fraction of its compile time, and the GPU check's estimate would be too low.
+    import tempfile
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk-compile-times-")
     import triton
 
     from qlora_kernels.triton_kernels import compile_check

@@ -141,6 +141,13 @@ def linear_compiles(points: list, candidates: Optional[int], timer: _Timer) -> d
             for config in configs:
                 key = _gemm_key(family, config)
                 add((key, m == 1), family, key)
+        if not small and (candidates is None or candidates > 1):
+            # With autotuning on, the first large-M call of a shape also times the dense route (route.py): the
+            # LoRA-term kernel per direction, the dequantize kernel, and one more benchmark per direction.
+            for kind in kinds:
+                add((f"lora_term[{kind}]", False), "lora_term", "lora_term[BLOCK_M=64,BLOCK_C=128,BLOCK_R=16]w8s1")
+                tuning_keys.add((kind, "dense", min(1 << max(0, (m - 1).bit_length()), 8192), n, k))
+            add(("dequantize_nf4->bfloat16 (dense route)", False), "nf4_dequantize", None)
         rows = thin.rows_plan(m, k, 16, cpu)
         add((_thin_key("rows", rows) + "[A]", m == 1), "rows", _thin_key("rows", rows))
         if "dx" in kinds:
@@ -149,6 +156,9 @@ def linear_compiles(points: list, candidates: Optional[int], timer: _Timer) -> d
             cols = thin.cols_plan(m, k, 16, cpu)
             for colsum in (False, True):
                 add((_thin_key("cols", cols) + f"[colsum={colsum}]", m == 1), "cols", _thin_key("cols", cols))
+    if points:  # the register decode's first-use check (decode_check.py): two small kernels, once per process
+        for mode in ("asm", "twin"):
+            add((f"decode_check[{mode}]", False), "decode_check", "decode_check[]w4s1")
     return {"compiles": found, "autotune_benchmarks": len(tuning_keys)}
 
 

@@ -61,10 +61,13 @@ def check_tile(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def register_decode_works(device: torch.device) -> bool:
     """Whether the inline asm decodes exactly like its twin on ``device`` (checked once per device, cached). A
-    failure (different bits, or an error compiling or running the asm) warns and returns False."""
+    failure (different bits, or an error compiling or running the asm) warns and returns False. Inside CUDA-graph
+    capture an unchecked device answers False without checking (a capture cannot synchronise)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _VERIFIED and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # no check inside CUDA-graph capture (it synchronises): the gather decode, until checked
     if device not in _VERIFIED:
         try:
             byte, absmax = check_tile(device)
