@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -26,11 +27,12 @@ def backend_setting() -> str:
     return value
 
 
-def use_cpu_kernels(device: torch.device) -> bool:
-    """True when a call on ``device`` should run the C++ CPU kernels (a CPU tensor, ``auto`` or ``cpu``)."""
+def use_cpu_kernels(device: torch.device, setting: Optional[str] = None) -> bool:
+    """True when a call on ``device`` should run the C++ CPU kernels (a CPU tensor, ``auto`` or ``cpu``);
+    ``setting``: :func:`backend_setting`'s value when the caller has read it already."""
     if device.type != "cpu":
         return False
-    setting = backend_setting()
+    setting = backend_setting() if setting is None else setting
     if setting not in ("auto", "cpu"):
         return False
     if cpu_kernels().available():
@@ -46,11 +48,17 @@ def use_cpu_kernels(device: torch.device) -> bool:
     return False
 
 
+_CPU_KERNELS = None
+
+
 def cpu_kernels():
     """The ``qlora_kernels.cpu_kernels`` module (its C++ kernels may be missing: see ``available()``)."""
-    from . import cpu_kernels as ck
+    global _CPU_KERNELS
+    if _CPU_KERNELS is None:  # imported on first use, then kept: this runs at every fused call
+        from . import cpu_kernels as ck
 
-    return ck
+        _CPU_KERNELS = ck
+    return _CPU_KERNELS
 
 
 def triton_kernels():

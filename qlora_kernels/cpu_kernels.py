@@ -56,6 +56,8 @@ def _ops():
 
 def _bytes(packed: torch.Tensor) -> torch.Tensor:
     """The packed storage as flat contiguous uint8 (a quant_storage of another dtype is the same bytes)."""
+    if packed.dtype is torch.uint8 and packed.dim() == 1 and packed.is_contiguous():
+        return packed  # what NF4Weight.op_storage hands the ops: no view to make at every call
     return packed.reshape(-1).view(torch.uint8).contiguous()
 
 

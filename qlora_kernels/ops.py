@@ -40,9 +40,12 @@ def _implementation(device_type: str, family: str):
         return reference
     if device_type == "cuda" or setting == "triton":
         return importlib.import_module("." + family, triton_kernels().__name__)
-    if use_cpu_kernels(torch.device(device_type)):
+    if use_cpu_kernels(_DEVICES.get(device_type) or torch.device(device_type), setting):
         return cpu_kernels()
     return reference
+
+
+_DEVICES = {"cpu": torch.device("cpu")}
 
 
 def _nf4_module(device: torch.device):
