@@ -73,21 +73,27 @@ _DX_LARGE_M = [
     (256, 128, 64, 8, 3, False),
 ]
 # Decode (M ≤ 16): one 16-row M tile, narrow output tiles, long reduction steps (wide byte loads). With SWAP_AB the
-# weight tile is wgmma's 64/128-row left operand and the token rows its N dimension.
-_SMALL_M = [
-    (16, 64, 256, 4, 3, True),
-    (16, 128, 128, 4, 3, True),
-    (16, 16, 256, 4, 3, False),
+# weight tile is wgmma's 64/128-row left operand and the token rows its N dimension. Each table starts with the
+# static model's pick (sass_model.json; the first candidate is what QLORA_KERNELS_AUTOTUNE=0 runs and the first two
+# what the GPU check tunes): forward 16×32×256 plain at N = 4096 (128 programs; 16×64×256 swapped leaves half the
+# SMs idle with 64), 16×128×128 swapped at N = 14336.
+_FWD_SMALL_M = [
     (16, 32, 256, 4, 3, False),
+    (16, 128, 128, 4, 3, True),
+    (16, 64, 256, 4, 3, True),
+    (16, 16, 256, 4, 3, False),
+    (16, 64, 128, 4, 4, False),
 ]
-_FWD_SMALL_M = _SMALL_M + [(16, 64, 128, 4, 4, False)]
-# 16,128,128 swapped spills registers in the dX kernel under Triton 3.6 (not under 3.9): left out there.
-# Narrow dX output tiles (BLOCK_K = 32, still 16-byte rows of packed bytes): 128 programs at K = 4096 where
-# BLOCK_K = 256 gives 16 (the static model, sass_model.py, puts those at ~40 µs against a ~2 µs memory floor).
-# (2 warps at 16×128×32: 4 warps spill under Triton 3.9; 16×64×32 loses the 16-byte copies of packed bytes.)
-_DX_SMALL_M = [row for row in _SMALL_M if row != (16, 128, 128, 4, 3, True)] + [
+# dX: narrow output tiles first (BLOCK_K = 32, still 16-byte rows of packed bytes): 128 programs at K = 4096 where
+# BLOCK_K = 256 gives 16 (modelled 3.7 µs against ~30 µs). 2 warps at 16×128×32: 4 warps spill under Triton 3.9;
+# 16×64×32 loses the 16-byte copies of packed bytes. 16,128,128 swapped spills registers in the dX kernel under
+# Triton 3.6 (not under 3.9): left out.
+_DX_SMALL_M = [
     (16, 128, 32, 2, 3, False),
     (16, 256, 32, 4, 3, False),
+    (16, 64, 256, 4, 3, True),
+    (16, 16, 256, 4, 3, False),
+    (16, 32, 256, 4, 3, False),
 ]
 
 
