@@ -3,9 +3,10 @@
 Plain tensors in, plain tensors out. Each op's kernels are registered per device type with torch's dispatcher: the
 op's body is its CPU kernel (the C++ CPU kernels; the Triton launchers through the interpreter under
 ``QLORA_KERNELS_BACKEND=triton``; the reference under ``=torch``), ``register_kernel("cuda")`` its CUDA kernel (the
-Triton launchers; the reference under ``=torch``). Both are one body each, taking the serving module. Argument validation lives in the public API above this layer; the NF4 storage
-operands are checked here too (structure only: dtypes, element counts, contiguity, one device; no device sync), so a
-direct ``torch.ops.qlora_kernels`` call cannot hand a kernel a short or strided storage tensor.
+Triton launchers; the reference under ``=torch``). Both are one body each, taking the serving module. Argument
+validation lives in the public API above this layer; the NF4 storage operands are checked here too (structure only:
+dtypes, element counts, contiguity, one device; no device sync), so a direct ``torch.ops.qlora_kernels`` call cannot
+hand a kernel a short or strided storage tensor.
 
 :func:`nf4_lora_linear` is the fused linear's entry point for the functional API: the custom op, except for plain
 eager calls on the C++ CPU kernels, which run the same kernels and autograd formula without torch.library's Python
@@ -191,7 +192,9 @@ def nf4_lora_linear_fwd(
 def _linear_fwd(impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest):
     _check_weight_storage(x, lora_B, packed, absmax, nested_absmax, offset, nested_code, blocksize)
     with _no_autocast(x.device):
-        return impl.nf4_lora_linear_fwd(x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest)
+        return impl.nf4_lora_linear_fwd(
+            x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, *rest
+        )
 
 
 _register_cuda(nf4_lora_linear_fwd, _linear_fwd, "lora_linear")
@@ -264,7 +267,8 @@ _DIFFERENTIABLE = ("x", "lora_A", "lora_B", "bias")
 def _fwd_setup_context(ctx, inputs, output) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
     ctx.save_for_backward(output[1], *(args[name] for name in _SAVED))
-    ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = args["blocksize"], args["scale"], args["dropout"], args["bias"] is not None
+    ctx.blocksize, ctx.scale, ctx.dropout = args["blocksize"], args["scale"], args["dropout"]
+    ctx.has_bias = args["bias"] is not None
     ctx.mark_non_differentiable(output[1])
 
 
@@ -322,7 +326,8 @@ class _EagerLinear(torch.autograd.Function):
         y, s = _linear_fwd(impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B,
                            scale, bias, dropout, seed)
         ctx.save_for_backward(s, x, packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed)
-        ctx.impl, ctx.blocksize, ctx.scale, ctx.dropout, ctx.has_bias = impl, blocksize, scale, dropout, bias is not None
+        ctx.impl, ctx.blocksize, ctx.scale, ctx.dropout = impl, blocksize, scale, dropout
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
