@@ -318,30 +318,34 @@ def _plain_eager_call(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 class _EagerLinear(torch.autograd.Function):
-    """The fused linear's forward and backward kernels, called directly (the custom op's autograd formula)."""
+    """The fused linear's forward and backward kernels, called directly (the custom op's autograd formula). The NF4
+    storage travels as one non-tensor argument (it never takes a gradient; fewer arguments make ``apply`` cheaper)."""
 
     @staticmethod
-    def forward(ctx, impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
-                bias, dropout, seed):
+    def forward(ctx, impl, storage, x, lora_A, lora_B, bias, scale, dropout, seed):
+        packed, absmax, nested_absmax, offset, nested_code, blocksize = storage
         y, s = _linear_fwd(impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B,
                            scale, bias, dropout, seed)
-        ctx.save_for_backward(s, x, packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed)
-        ctx.impl, ctx.blocksize, ctx.scale, ctx.dropout = impl, blocksize, scale, dropout
+        ctx.save_for_backward(s, x, lora_A, lora_B)
+        ctx.impl, ctx.storage, ctx.scale, ctx.dropout, ctx.seed = impl, storage, scale, dropout, seed
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        s, x, packed, absmax, nested_absmax, offset, nested_code, lora_A, lora_B, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x, need_A, need_B, need_bias = need[1], need[8], need[9], ctx.has_bias and need[11]
-        gx, ga, gb, gbias = _linear_bwd(
-            ctx.impl, grad_y.to(x.dtype), x, s, packed, absmax, nested_absmax, offset, nested_code, ctx.blocksize,
-            lora_A, lora_B, ctx.scale, ctx.dropout, seed, need_x, need_A, need_B, need_bias,
-        )
-        return (None, gx if need_x else None, None, None, None, None, None, None, ga if need_A else None,
-                gb if need_B else None, None, gbias if need_bias else None, None, None)
+        s, x, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[2:6]
+        need_bias = need_bias and ctx.has_bias
+        # The storage was checked by the forward, and autograd's version counters guard the saved tensors; the
+        # implementation gives None for a gradient not asked for.
+        with _no_autocast(x.device):
+            grads = ctx.impl.nf4_lora_linear_bwd(
+                grad_y.to(x.dtype), x, s, *ctx.storage, lora_A, lora_B, ctx.scale, ctx.dropout, ctx.seed, need_x,
+                need_A, need_B, need_bias,
+            )
+        return (None, None, *(g if needed else None for g, needed in zip(grads, (need_x, need_A, need_B, need_bias))),
+                None, None, None)
 
 
 def nf4_lora_linear(
@@ -364,10 +368,11 @@ def nf4_lora_linear(
     if x.device.type == "cpu" and _plain_eager_call(x, packed, lora_A, lora_B, bias):
         impl = _implementation("cpu", "lora_linear")
         if impl is cpu_kernels():
-            args = (x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale, bias,
-                    dropout, seed)
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
-                return _EagerLinear.apply(impl, *args)
-            return _linear_fwd(impl, *args)[0]  # nothing to differentiate: no autograd node at all
+                storage = (packed, absmax, nested_absmax, offset, nested_code, blocksize)
+                return _EagerLinear.apply(impl, storage, x, lora_A, lora_B, bias, scale, dropout, seed)
+            # Nothing to differentiate: no autograd node at all.
+            return _linear_fwd(impl, x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B,
+                               scale, bias, dropout, seed)[0]
     return nf4_lora_linear_fwd(x, packed, absmax, nested_absmax, offset, nested_code, blocksize, lora_A, lora_B, scale,
                                bias, dropout, seed)[0]
