@@ -48,6 +48,7 @@ from . import lora_linear_thin as thin  # noqa: E402
 from . import nf4  # noqa: E402
 from . import sass_model  # noqa: E402
 from .lora_linear import decode_mode  # noqa: E402
+from .lora_linear_tiles import DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN  # noqa: E402
 
 try:  # the specialisation rule a launch applies to each argument (Triton ≥ 3.3)
     from triton._C.libtriton import native_specialize_impl as _specialize_impl
@@ -265,8 +266,6 @@ def _decode_check_cases() -> list[Case]:
     t = _tensor
     args = {"byte_ptr": t(torch.uint8), "absmax_ptr": t(torch.float32), "code_ptr": t(torch.float32),
             "hi_ptr": t(torch.bfloat16), "lo_ptr": t(torch.bfloat16)}
-    from .lora_linear_tiles import DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN
-
     return [
         Case("decode_check", name, decode_check._decode_pairs_kernel, args,
              {"ROWS": decode_check.ROWS, "COLS": decode_check.COLS, "DECODE": mode.value},

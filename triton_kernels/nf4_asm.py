@@ -46,40 +46,36 @@ from qlora_kernels import reference
 # Operands: "$w" the packed word (4 bytes = 8 codes), "$a0".."$a3" the four bytes' absmax (float32), "$p0".."$p3"
 # the bf16 pair of byte 0..3 (high-nibble weight in the low half); "T.." the codebook words; anything else a
 # temporary.
+def _half_word(selector: str, flipped: str, sign_select: int, first: int) -> tuple[tuple, ...]:
+    # Four codes [l, h, l', h'] of one half-word (``selector``; ``flipped`` = selector ^ 0x8888): the sign-mode
+    # mask, the two 8-entry lookups of the low and of the high bytes merged by it, then bytes ``first`` and
+    # ``first`` + 1 of the word as bf16 pairs, times their absmax.
+    p, q = f"$p{first}", f"$p{first + 1}"
+    return (
+        ("prmt", "x", "$w", "w4", sign_select),
+        ("prmt", "pa", "TL0", "TL1", selector),
+        ("prmt", "pb", "TL2", "TL3", flipped),
+        ("lop3", "lb", "pa", "pb", "x", 0xD8),
+        ("prmt", "pa", "TH0", "TH1", selector),
+        ("prmt", "pb", "TH2", "TH3", flipped),
+        ("lop3", "hb", "pa", "pb", "x", 0xD8),
+        ("prmt", p, "lb", "hb", 0x4051),
+        ("prmt", q, "lb", "hb", 0x6273),
+        ("mul_bf16x2", p, p, f"am{first}"),
+        ("mul_bf16x2", q, q, f"am{first + 1}"),
+    )
+
+
 PROGRAM: tuple[tuple, ...] = (
     ("shl", "w4", "$w", 4),
     ("xor", "sf", "$w", 0x88888888),
     ("shr", "shi", "$w", 16),
     ("shr", "sfhi", "sf", 16),
-    ("cvt_bf16x2", "am0", "$a0", "$a0"),
-    ("cvt_bf16x2", "am1", "$a1", "$a1"),
-    ("cvt_bf16x2", "am2", "$a2", "$a2"),
-    ("cvt_bf16x2", "am3", "$a3", "$a3"),
-    # bytes 0-1 of the word: codes [l0, h0, l1, h1]
-    ("prmt", "x", "$w", "w4", 0x9D8C),
-    ("prmt", "pa", "TL0", "TL1", "$w"),
-    ("prmt", "pb", "TL2", "TL3", "sf"),
-    ("lop3", "lb", "pa", "pb", "x", 0xD8),
-    ("prmt", "pa", "TH0", "TH1", "$w"),
-    ("prmt", "pb", "TH2", "TH3", "sf"),
-    ("lop3", "hb", "pa", "pb", "x", 0xD8),
-    ("prmt", "$p0", "lb", "hb", 0x4051),
-    ("prmt", "$p1", "lb", "hb", 0x6273),
-    ("mul_bf16x2", "$p0", "$p0", "am0"),
-    ("mul_bf16x2", "$p1", "$p1", "am1"),
-    # bytes 2-3: codes [l2, h2, l3, h3]
-    ("prmt", "x", "$w", "w4", 0xBFAE),
-    ("prmt", "pa", "TL0", "TL1", "shi"),
-    ("prmt", "pb", "TL2", "TL3", "sfhi"),
-    ("lop3", "lb", "pa", "pb", "x", 0xD8),
-    ("prmt", "pa", "TH0", "TH1", "shi"),
-    ("prmt", "pb", "TH2", "TH3", "sfhi"),
-    ("lop3", "hb", "pa", "pb", "x", 0xD8),
-    ("prmt", "$p2", "lb", "hb", 0x4051),
-    ("prmt", "$p3", "lb", "hb", 0x6273),
-    ("mul_bf16x2", "$p2", "$p2", "am2"),
-    ("mul_bf16x2", "$p3", "$p3", "am3"),
+    *(("cvt_bf16x2", f"am{j}", f"$a{j}", f"$a{j}") for j in range(4)),
+    *_half_word("$w", "sf", 0x9D8C, 0),  # bytes 0-1: codes [l0, h0, l1, h1]
+    *_half_word("shi", "sfhi", 0xBFAE, 2),  # bytes 2-3: codes [l2, h2, l3, h3]
 )
+
 
 
 # inline_asm_elementwise operand numbering with pack=4: the outputs' registers first (one int32 per byte: its bf16
