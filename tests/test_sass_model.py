@@ -54,6 +54,17 @@ def test_main_loop_is_the_loop_with_the_mma_and_is_counted_by_class():
     # LDS.U8 moves 32 bytes a warp, LDS.64 256; HGMMA 64x64x16: B = 64·16·2 bytes, A (second one only) the same,
     # a warp's quarter of the warpgroup's.
     assert st["shared_bytes_per_warp"] == 32 + 256 + (2048 // 4) + (4096 // 4)
+    # Shared memory serves a 128-byte wavefront a clock: the 1-byte LDS.U8 takes a whole one, LDS.64 two, the
+    # HGMMA operand reads their bytes / 128.
+    assert st["shared_wavefronts_per_warp"] == 1 + 2 + (2048 // 4) / 128 + (4096 // 4) / 128
+
+
+def test_ldsm_counts_its_matrices():
+    # SASS spells ldmatrix .x4 as LDSM.16.M88.4 (and the transposed LDSM.16.MT88.4): four 8x8 16-bit matrices.
+    for mods, nbytes in ((".16.M88.4", 512), (".16.MT88.4", 512), (".16.M88.2", 256), (".16.M88", 128)):
+        ins = sm.Instruction(0, "LDSM", mods, "R4, [R2]")
+        assert sm._shared_bytes_per_warp(ins) == nbytes, mods
+        assert sm._shared_wavefronts_per_warp(ins) == nbytes // 128, mods
 
 
 def test_loopless_kernel_is_counted_whole():
@@ -68,9 +79,10 @@ def test_loopless_kernel_is_counted_whole():
 
 
 def _result(non_mma: int, mma: int, bm: int, bn: int, bk: int, warps: int, family: str = "fwd_large_m",
-            integer: int = 0, imad: int = 0, fp: int = 0) -> dict:
+            integer: int = 0, imad: int = 0, fp: int = 0, wavefronts: float = 0) -> dict:
     return {"family": family, "num_warps": warps, "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-            "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 0,
+            "main_loop": {"non_mma": non_mma, "mma": mma, "shared_bytes_per_warp": 128 * wavefronts,
+                          "shared_wavefronts_per_warp": wavefronts,
                           "by_class": {"integer": integer, "imad": imad, "fp": fp}}}
 
 
@@ -118,11 +130,40 @@ def test_bounds_take_waves_and_bytes_into_account():
     assert nbytes > 4096 * 4096 // 2 + 2 * 2 * 4096 * 4096
     assert b["memory_us"] == pytest.approx(nbytes / 4.3e12 * 1e6)
     assert b["int_us"] == pytest.approx(per_sm * 64 * (80 * 8 * 32 / 64) / 1.98e9 * 1e6)
-    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["fma_us"], b["memory_us"])
+    assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["fma_us"], b["shared_us"],
+                               b["memory_us"])
     # Split-K: programs multiply, iterations divide.
     r["constexprs"]["SPLIT_K"] = 4
     b4 = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
     assert b4["programs"] == 4 * programs and b4["iterations"] == 16
+
+
+def test_shared_memory_bound():
+    # 100 wavefronts a warp and iteration, 8 warps: 800 clocks of the SM's shared memory against 512 tensor clocks.
+    r = _result(100, 16, 128, 128, 64, 8, wavefronts=100)
+    assert sm.per_iteration(r)["shared_clocks"] == 800
+    b = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
+    per_sm = math.ceil(32 * 32 / 132)
+    assert b["shared_us"] == pytest.approx(per_sm * 64 * 800 / 1.98e9 * 1e6)
+    assert b["bound"] == "shared" and b["time_us"] == b["shared_us"] > b["tensor_us"]
+
+
+def test_a_program_with_fewer_warps_than_schedulers_leaves_them_idle():
+    # A warp stays on one of the SM's four schedulers: a 2-warp program alone on its SM (128 programs) gets half
+    # the SM's issue slots, ALU, FMA pipe and tensor cores; two of them per SM (256 programs) get all of it.
+    r2, r4 = (_result(200, 16, 16, 32, 256, w, family="fwd_small_m", integer=100, fp=50) for w in (2, 4))
+    alone, full = sm.gemm_bounds("fwd", r2, 1, 4096, 4096, 16), sm.gemm_bounds("fwd", r4, 1, 4096, 4096, 16)
+    assert alone["programs"] == full["programs"] == 128
+    # Same instructions per warp, half the warps per program: with every scheduler busy that would halve the time.
+    for key in ("issue_us", "int_us", "fma_us"):
+        assert alone[key] == pytest.approx(full[key]), key
+    # The same MMA work per program (the tile), on two of the four tensor cores.
+    assert alone["tensor_us"] == pytest.approx(2 * full["tensor_us"])
+    # Twice the rows in 256 programs of 2 warps: as many warp-instructions per SM as the 4-warp programs at N = 4096,
+    # now on all four schedulers, so the same time.
+    two_per_sm = sm.gemm_bounds("fwd", r2, 1, 8192, 4096, 16)
+    assert two_per_sm["programs"] == 256
+    assert two_per_sm["issue_us"] == pytest.approx(full["issue_us"])
 
 
 def test_modelled_time_from_the_committed_model():

@@ -14,15 +14,24 @@ From those and the tile sizes it bounds the time of each benchmark shape on an H
     int    = programs_per_SM · iterations · (integer-class instructions per warp · warps · 32) / INT_LANES / CLOCK
     fma    = programs_per_SM · iterations · ((2 · IMAD + FP32/packed-half instructions) per warp · warps) / SCHEDULERS
              / CLOCK
+    shared = programs_per_SM · iterations · shared-memory wavefronts per CTA-iteration / CLOCK
     memory = compulsory bytes / HBM_BYTES_PER_S
-    modelled time = max(tensor, issue, int, fma, memory)   (perfect overlap; prologue and epilogue not counted)
+    modelled time = max(tensor, issue, int, fma, shared, memory)   (perfect overlap; prologue and epilogue not
+    counted)
 
 ``int`` is the ALU pipe: an SM has half as many INT32 lanes as FP32 lanes, so a loop of integer, logic and
 byte-permute instructions (the NF4 decode) cannot run at the issue rate; each takes two clocks of its scheduler's
 ALU. ``fma`` is the FMA pipe, which runs FP32 and packed-half arithmetic at one warp-instruction a clock and IMAD
 (ptxas turns shifts and moves into IMAD.SHL / IMAD.MOV to take them off the ALU) at half that rate.
+``shared`` is the SM's shared memory, which serves one 128-byte wavefront a clock (128 bytes a clock): a warp's
+cp.async write, LDS, LDSM or STS takes ceil(bytes / 128) wavefronts, at least one (the layout conversions of the
+decoded tile are among them), and wgmma reads its shared-memory operands once per warpgroup, bytes / 128.
+A warp runs on one of the SM's four schedulers, each with its own ALU, FMA pipe and tensor core: where fewer warps
+than schedulers are resident on an SM (programs_per_SM · warps < 4: a 2-warp program alone on its SM), the tensor,
+issue, int and fma bounds scale up by 4 / (programs_per_SM · warps).
 What the model leaves out, and the first GPU run must confirm: latencies and occupancy (it assumes every scheduler
-finds a ready warp), shared-memory bank conflicts, the rates of other pipes (conversions, shuffles), L2 behaviour.
+in use finds a ready warp, and that a wave's programs are resident together), shared-memory bank conflicts, the
+rates of other pipes (conversions, shuffles), L2 behaviour.
 
 with programs_per_SM = ceil(programs / SMS) (wave quantisation). The assumptions are the constants in ``H200``.
 ``modelled_time_us(kind, M, N, K, r)`` answers from the committed ``sass_model.json`` (made by this tool under
@@ -55,6 +64,7 @@ class Machine:
     hbm_bytes_per_s: float = 4.3e12  # HBM3e
     dense_bf16_flops: float = 989e12  # dense bf16 tensor-core peak (≈ 132 · 1.83e9 · 2 · 2048 · 2)
     mma_macs_per_clock_per_sm: int = 2048  # bf16 wgmma: BM·BN·BK / 2048 clocks per CTA-iteration
+    shared_bytes_per_clock_per_sm: int = 128  # shared-memory bandwidth (32 banks of 4 bytes)
     lanes: int = 32
 
     @property
@@ -155,8 +165,9 @@ def _shared_bytes_per_warp(ins: Instruction) -> int:
     if ins.opcode in ("LDS", "STS", "LDGSTS"):
         return width * 32
     if ins.opcode in ("LDSM", "STSM"):
-        matrices = 4 if ".x4" in mods.lower() or ".X4" in mods else (2 if ".X2" in mods.upper() else 1)
-        return matrices * 128
+        # 8x8 matrices of 16-bit values, 128 bytes each: LDSM.16.M88.4 (SASS) / ldmatrix .x4 (PTX) moves four.
+        count = re.search(r"\.X?([124])$", mods.upper())
+        return (int(count.group(1)) if count else 1) * 128
     if ins.opcode == "HGMMA":
         m = re.match(r"\.(\d+)x(\d+)x(\d+)", mods)
         if not m:
@@ -168,6 +179,21 @@ def _shared_bytes_per_warp(ins: Instruction) -> int:
         per_group = cols * depth * elem + (rows * depth * elem if a_from_shared else 0)
         return per_group // 4
     return 0
+
+
+_WAVEFRONT = 128  # bytes of shared memory one wavefront carries
+
+
+def _shared_wavefronts_per_warp(ins: Instruction) -> float:
+    """Clocks of the SM's shared memory one warp's execution of ``ins`` takes: it serves one 128-byte wavefront a
+    clock, and a warp's LDS / STS / LDSM / cp.async takes ceil(bytes / 128) of them, at least one (an LDS.U8 costs
+    what a 128-byte LDS does); wgmma's operand reads their bytes / 128 (bank conflicts not modelled)."""
+    nbytes = _shared_bytes_per_warp(ins)
+    if not nbytes:
+        return 0
+    if ins.opcode == "HGMMA":
+        return nbytes / _WAVEFRONT
+    return max(1, math.ceil(nbytes / _WAVEFRONT))
 
 
 def loop_stats(sass: str) -> dict[str, Any]:
@@ -200,6 +226,7 @@ def loop_stats(sass: str) -> dict[str, Any]:
         "non_mma": total - by_class["mma"],
         "by_class": by_class,
         "shared_bytes_per_warp": sum(_shared_bytes_per_warp(ins) for ins in counted),
+        "shared_wavefronts_per_warp": sum(_shared_wavefronts_per_warp(ins) for ins in counted),
         "opcodes": _top_opcodes(counted),
     }
 
@@ -253,6 +280,11 @@ def per_iteration(result: dict[str, Any], machine: Machine = H200) -> dict[str, 
         "int_clocks": loop["by_class"]["integer"] * warps * machine.lanes / machine.int_lanes_per_clock_per_sm,
         "fma_clocks": _fma_slots(loop["by_class"], machine) * warps / machine.schedulers_per_sm,
         "shared_bytes": loop["shared_bytes_per_warp"] * warps,
+        "elements": elements,
+        "shared_bytes_per_element": loop["shared_bytes_per_warp"] * warps / elements,
+        # (a model made before wavefronts were counted: its bytes at full width)
+        "shared_clocks": loop.get("shared_wavefronts_per_warp", loop["shared_bytes_per_warp"] / _WAVEFRONT) * warps
+        * _WAVEFRONT / machine.shared_bytes_per_clock_per_sm,
     }
     if result["family"].startswith(("fwd", "bwd_dx")) and loop["mma"]:
         out["tensor_clocks"] = c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / machine.mma_macs_per_clock_per_sm
@@ -284,34 +316,43 @@ def gemm_bounds(kind: str, result: dict[str, Any], M: int, N: int, K: int, r: in
     programs = math.ceil(M / c["BLOCK_M"]) * math.ceil(out_cols / out_tile) * split
     iterations = math.ceil(math.ceil(reduce_len / reduce_tile) / split)
     per_sm = math.ceil(programs / machine.sms)
-    tensor = per_sm * iterations * fig["tensor_clocks"] / machine.clock_hz
-    issue = per_sm * iterations * fig["issue_clocks"] / machine.clock_hz
+    # The per-iteration clocks assume all four schedulers (and their ALU, FMA pipe and tensor core) busy; fewer
+    # resident warps than that leave the rest idle.
+    busy = min(machine.schedulers_per_sm, per_sm * result["num_warps"]) / machine.schedulers_per_sm
+    clocks = per_sm * iterations / machine.clock_hz
+    tensor = clocks * fig["tensor_clocks"] / busy
+    issue = clocks * fig["issue_clocks"] / busy
+    integer = clocks * fig["int_clocks"] / busy
+    fma = clocks * fig["fma_clocks"] / busy
+    shared = clocks * fig["shared_clocks"]
     nbytes = gemm_bytes(kind, M, N, K, r)
     memory = nbytes / machine.hbm_bytes_per_s
-    integer = per_sm * iterations * fig["int_clocks"] / machine.clock_hz
-    fma = per_sm * iterations * fig["fma_clocks"] / machine.clock_hz
-    time = max(tensor, issue, integer, fma, memory)
+    bounds = {"tensor": tensor, "issue": issue, "int": integer, "fma": fma, "shared": shared, "memory": memory}
+    time = max(bounds.values())
     return {
         "programs": programs, "iterations": iterations, "tensor_us": tensor * 1e6, "issue_us": issue * 1e6,
-        "int_us": integer * 1e6, "fma_us": fma * 1e6, "memory_us": memory * 1e6, "time_us": time * 1e6,
-        "bound": ("tensor", "issue", "int", "fma", "memory")[[tensor, issue, integer, fma, memory].index(time)],
+        "int_us": integer * 1e6, "fma_us": fma * 1e6, "shared_us": shared * 1e6, "memory_us": memory * 1e6,
+        "time_us": time * 1e6, "bound": max(bounds, key=bounds.get),
         "nf4_bytes_per_s": (N * K // 2) / time,
         "dense_fraction": (2 * M * N * K / machine.dense_bf16_flops) / time,
     }
 
 
 def thin_bounds(result: dict[str, Any], M: int, C: int, machine: Machine = H200) -> dict[str, float]:
-    """Modelled bounds (µs) of a thin pass streaming an [M, C] bf16 activation (issue, integer pipe or memory)."""
+    """Modelled bounds (µs) of a thin pass streaming an [M, C] bf16 activation (issue, integer or FMA pipe, shared
+    memory or HBM)."""
     fig = per_iteration(result, machine)
     elements = M * C
     issue = elements * fig["lane_instr_per_element"] / machine.lane_instr_per_s
     integer = elements * fig["int_lane_instr_per_element"] / (
         machine.sms * machine.int_lanes_per_clock_per_sm * machine.clock_hz)
     fma = elements * fig["fma_lane_slots_per_element"] / machine.lane_instr_per_s
+    shared = elements * fig["shared_clocks"] / fig["elements"] / (machine.sms * machine.clock_hz)
     memory = 2 * elements / machine.hbm_bytes_per_s
-    time = max(issue, integer, fma, memory)
-    return {"issue_us": issue * 1e6, "int_us": integer * 1e6, "fma_us": fma * 1e6, "memory_us": memory * 1e6,
-            "time_us": time * 1e6, "bound": ("issue", "int", "fma", "memory")[[issue, integer, fma, memory].index(time)]}
+    bounds = {"issue": issue, "int": integer, "fma": fma, "shared": shared, "memory": memory}
+    time = max(bounds.values())
+    return {"issue_us": issue * 1e6, "int_us": integer * 1e6, "fma_us": fma * 1e6, "shared_us": shared * 1e6,
+            "memory_us": memory * 1e6, "time_us": time * 1e6, "bound": max(bounds, key=bounds.get)}
 
 
 _GEMM_FAMILY = {("fwd", True): "fwd_small_m", ("fwd", False): "fwd_large_m",
@@ -449,7 +490,7 @@ def table(model: dict[str, Any]) -> str:
                      f"{int_ratio:>6} {f['shared_bytes']:>7}")
     lines.append("")
     lines.append(f"{'shape':<26} {'gemm':<4} {'chosen configuration':<70} {'tc_us':>7} {'iss_us':>7} {'int_us':>7} "
-                 f"{'fma_us':>7} {'mem_us':>7} "
+                 f"{'fma_us':>7} {'smem_us':>7} {'mem_us':>7} "
                  f"{'time_us':>8} {'bound':>6} {'TB/s':>5} {'progs':>6}")
     for s in model["shapes"]:
         shape = f"M={s['M']} N={s['N']} K={s['K']}"
@@ -459,13 +500,14 @@ def table(model: dict[str, Any]) -> str:
                 lines.append(f"{shape:<26} {kind:<4} (none)")
                 continue
             lines.append(f"{shape:<26} {kind:<4} {_short(b['name']):<70} {b['tensor_us']:>7.1f} {b['issue_us']:>7.1f} "
-                         f"{b['int_us']:>7.1f} {b['fma_us']:>7.1f} {b['memory_us']:>7.1f} {b['time_us']:>8.1f} "
+                         f"{b['int_us']:>7.1f} {b['fma_us']:>7.1f} {b['shared_us']:>7.1f} {b['memory_us']:>7.1f} "
+                         f"{b['time_us']:>8.1f} "
                          f"{b['bound']:>6} "
                          f"{b['nf4_bytes_per_s'] / 1e12:>5.2f} {b['programs']:>6}")
             dense = s[kind].get("dense_route")
             if dense is not None:
                 lines.append(f"{shape:<26} {kind:<4} {'dense route: dequantize + LoRA term + cuBLAS':<70} "
-                             f"{'':>7} {'':>7} {'':>7} {'':>7} {'':>7} {dense['time_us']:>8.1f} {'':>6} "
+                             f"{'':>7} {'':>7} {'':>7} {'':>7} {'':>7} {'':>7} {dense['time_us']:>8.1f} {'':>6} "
                              f"{s['N'] * s['K'] // 2 / dense['time_us'] / 1e6:>5.2f}")
     return "\n".join(lines)
 
