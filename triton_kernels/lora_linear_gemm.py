@@ -47,8 +47,11 @@ def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
 # BLOCK_K = 128 for dX all spilled). The first row of each table is the one used with QLORA_KERNELS_AUTOTUNE=0:
 # swapped operands, whose wgmma stays in flight while the next tile decodes (the plain order waits on each wgmma at
 # once), on 128-row tiles that suit every M. The second is the model's pick for training shapes (measured second
-# by the GPU check's two-candidate tuning): 256 token rows per tile halve the decode work per MMA, which puts the
-# modelled issue time under the tensor-core time (issue 11: ≤ 0.9 of it).
+# by the GPU check's two-candidate tuning). Forward: 256 token rows per tile halve the decode work per MMA, which
+# puts the modelled issue time under the tensor-core time (issue 11: ≤ 0.9 of it). dX: the model's shared-memory
+# bound decides it - every 64 output columns of a wgmma re-read the whole dY tile, and each dY tile is written to
+# shared memory once per reduction step, so wide output tiles (BLOCK_K = 256, 64-row reduction steps) move the
+# fewest bytes per MMA: 128x64x256 is modelled at 175 us at M = 4096, 4096^2 (shared-bound), 256x128x64 at 201.
 _TRITON_3_9 = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 _FWD_LARGE_M = [
     (128, 128, 64, 8, 3, True),
@@ -65,6 +68,7 @@ if not _TRITON_3_9:
     _FWD_LARGE_M.insert(2, (256, 128, 64, 8, 3, True))
 _DX_LARGE_M = [
     (128, 128, 64, 8, 3, True),
+    (128, 64, 256, 8, 3, True),
     (256, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (64, 128, 64, 4, 4, True),
@@ -85,12 +89,13 @@ _FWD_SMALL_M = [
     (16, 64, 128, 4, 4, False),
 ]
 # dX: narrow output tiles first (BLOCK_K = 32, still 16-byte rows of packed bytes): 128 programs at K = 4096 where
-# BLOCK_K = 256 gives 16 (modelled 3.7 µs against ~30 µs). 2 warps at 16×128×32: 4 warps spill under Triton 3.9;
+# BLOCK_K = 256 gives 16 (modelled 5.5 µs against ~30 µs). 16×256×32 with 4 warps leads: 16×128×32 runs 2 warps
+# (4 spill under Triton 3.9), which alone on an SM keep two of its four schedulers idle (modelled 7.5 µs).
 # 16×64×32 loses the 16-byte copies of packed bytes. 16,128,128 swapped spills registers in the dX kernel under
 # Triton 3.6 (not under 3.9): left out.
 _DX_SMALL_M = [
-    (16, 128, 32, 2, 3, False),
     (16, 256, 32, 4, 3, False),
+    (16, 128, 32, 2, 3, False),
     (16, 64, 256, 4, 3, True),
     (16, 16, 256, 4, 3, False),
     (16, 32, 256, 4, 3, False),
