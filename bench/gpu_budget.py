@@ -156,9 +156,10 @@ def linear_compiles(points: list, candidates: Optional[int], timer: _Timer) -> d
             cols = thin.cols_plan(m, k, 16, cpu)
             for colsum in (False, True):
                 add((_thin_key("cols", cols) + f"[colsum={colsum}]", m == 1), "cols", _thin_key("cols", cols))
-    if points:  # the register decode's first-use check (decode_check.py): two small kernels, once per process
+    if points:  # the register decode's first-use check (decode_check.py): four small kernels, once per process
         for mode in ("asm", "twin"):
             add((f"decode_check[{mode}]", False), "decode_check", "decode_check[]w4s1")
+            add((f"decode_check[mma tile,{mode}]", False), "decode_check", "decode_check[]w1s1")
     return {"compiles": found, "autotune_benchmarks": len(tuning_keys)}
 
 

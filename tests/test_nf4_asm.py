@@ -81,6 +81,14 @@ def test_ptx_text_matches_the_program_and_the_operand_list():
     for name, value in nf4_asm.codebook_words().items():
         if name not in nf4_asm.REGISTER_WORDS:
             assert str(value) in text, name
+    # The word form (pack=1): the same instructions on other operand numbers - outputs $0-$3, the word $4, one
+    # absmax $5 for the word's four bytes, one register per codebook word; nothing past the constraint list.
+    word = nf4_asm.ptx(word_input=True)
+    assert [re.sub(r"\$\d+", "$", x) for x in word.splitlines()] == [re.sub(r"\$\d+", "$", x) for x in text.splitlines()]
+    constraints = nf4_asm.CONSTRAINTS_WORD.split(",")
+    assert constraints == ["=r"] * 4 + ["r"] * 6
+    assert {int(m) for m in re.findall(r"\$(\d+)", word)} == set(range(len(constraints)))
+    assert sorted(nf4_asm.OPERANDS_WORD[n] for n in nf4_asm.REGISTER_WORDS) == [6, 7, 8, 9]
 
 
 def test_code_table_carries_the_register_words():
@@ -199,8 +207,9 @@ def test_check_tile_holds_every_byte_in_every_word_position():
     assert absmax.min() > 0 and absmax.max() < 1e31 and torch.isfinite(absmax).all()
 
 
-@pytest.mark.parametrize("outcome", ["same", "different", "error"])
+@pytest.mark.parametrize("outcome", ["same", "different", "different tile", "error"])
 def test_first_use_check_disables_a_wrong_asm_with_a_warning(monkeypatch, outcome):
+    # Both checks (the byte form's pairs, the word form's MMA-order tile) must agree for the asm to be used.
     calls = []
 
     def fake(byte, absmax, decode):
@@ -212,7 +221,16 @@ def test_first_use_check_disables_a_wrong_asm_with_a_warning(monkeypatch, outcom
             hi[3, 5] = 1.0
         return hi, hi.clone()
 
+    def fake_tile(byte, absmax, decode):
+        calls.append(decode)
+        assert absmax.shape == (decode_check.ROWS, 2 * decode_check.COLS // 64)
+        tile = torch.zeros(decode_check.ROWS, 2 * decode_check.COLS, dtype=torch.bfloat16)
+        if outcome == "different tile" and decode == tiles.DECODE_REGISTERS_ASM.value:
+            tile[7, 100] = -2.0
+        return tile
+
     monkeypatch.setattr(decode_check, "decode_pairs", fake)
+    monkeypatch.setattr(decode_check, "decode_mma_tile", fake_tile)
     monkeypatch.setattr(decode_check, "_VERIFIED", {})
     device = torch.device("cpu")
     if outcome == "same":
@@ -223,6 +241,25 @@ def test_first_use_check_disables_a_wrong_asm_with_a_warning(monkeypatch, outcom
     n = len(calls)
     assert decode_check.register_decode_works(device) == (outcome == "same")  # cached: checked once per device
     assert len(calls) == n
+
+
+def test_mma_tile_check_decodes_like_the_pairs_check():
+    # The word form's check tile holds the pairs check's bytes: its twin weights are theirs, with one absmax per
+    # block, in MMA order.
+    byte, absmax = decode_check.check_tile(torch.device("cpu"))
+    blocks = absmax[:, ::32].contiguous()
+    tile = decode_check.decode_mma_tile(byte, blocks, tiles.DECODE_REGISTERS_TWIN.value)
+    hi, lo = decode_check.decode_pairs(byte, blocks.repeat_interleave(32, dim=1), tiles.DECODE_REGISTERS_TWIN.value)
+    row_major = torch.stack([hi, lo], dim=2).reshape(decode_check.ROWS, 2 * decode_check.COLS)
+    cols = torch.tensor([c for k0 in range(0, 2 * decode_check.COLS, 128) for c in _mma_columns(k0, 128)])
+    assert torch.equal(tile.view(torch.int16), row_major[:, cols].view(torch.int16))
+    with pytest.raises(ValueError, match="absmax"):
+        decode_check.decode_mma_tile(byte, absmax, tiles.DECODE_REGISTERS_TWIN.value)
+
+
+def _mma_columns(k0: int, block_k: int) -> list:
+    # lora_linear_tiles.mma_order_columns, in Python: slot s = 16j + 8h + 2t + e <- k0 + (block_k/4)t + 4j + 2h + e.
+    return [k0 + block_k // 4 * ((s // 2) % 4) + 4 * (s // 16) + 2 * ((s // 8) % 2) + s % 2 for s in range(block_k)]
 
 
 def test_decode_pairs_refuses_wrong_tiles():

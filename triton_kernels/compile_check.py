@@ -175,7 +175,7 @@ def _gemm_cases(quick: bool) -> list[Case]:
                     **config.kwargs, "BLOCK_R": 16, "BLOCKSIZE": blocksize, "ALIGNED_ROWS": k % blocksize == 0,
                     "HAS_DOUBLE_QUANT": dq, "NESTED": 256, "WRITE_LORA": True, "DOT_FP32": dtype == torch.float32,
                     "DECODE": decode_mode(dtype),
-                    **({"HAS_BIAS": flag} if kind == "fwd" else {"HAS_DROPOUT": flag}),
+                    **({"HAS_BIAS": flag, "PACKED_ALIGNED": True} if kind == "fwd" else {"HAS_DROPOUT": flag}),
                 }
                 args = _gemm_args(kind, M, N, k, RANK, dtype, dq, flag, flag)
                 options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
@@ -266,11 +266,18 @@ def _decode_check_cases() -> list[Case]:
     t = _tensor
     args = {"byte_ptr": t(torch.uint8), "absmax_ptr": t(torch.float32), "code_ptr": t(torch.float32),
             "hi_ptr": t(torch.bfloat16), "lo_ptr": t(torch.bfloat16)}
+    tile_args = {"packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.float32), "code_ptr": t(torch.float32),
+                 "out_ptr": t(torch.bfloat16)}
+    modes = (("asm", DECODE_REGISTERS_ASM), ("twin", DECODE_REGISTERS_TWIN))
+    constexprs = {"ROWS": decode_check.ROWS, "COLS": decode_check.COLS}
     return [
-        Case("decode_check", name, decode_check._decode_pairs_kernel, args,
-             {"ROWS": decode_check.ROWS, "COLS": decode_check.COLS, "DECODE": mode.value},
+        Case("decode_check", name, decode_check._decode_pairs_kernel, args, {**constexprs, "DECODE": mode.value},
              {"num_warps": 4, "num_stages": 1}, False)
-        for name, mode in (("asm", DECODE_REGISTERS_ASM), ("twin", DECODE_REGISTERS_TWIN))
+        for name, mode in modes
+    ] + [
+        Case("decode_check", f"mma tile,{name}", decode_check._decode_mma_tile_kernel, tile_args,
+             {**constexprs, "DECODE": mode.value}, {"num_warps": 1, "num_stages": 1}, False)
+        for name, mode in modes
     ]
 
 
@@ -323,10 +330,12 @@ def _sass_stats(cubin: bytes) -> dict[str, Any]:
 
 
 def _packed_byte_contiguity(ttgir: str) -> int | None:
-    """Bytes per copy of the packed NF4 codes in the pipelined K-loop (``load_nf4_tile``'s ``byte`` loads): 16 means
-    16-byte cp.async copies. None when those loads are not pipelined copies (per-element path, or no pipelining)."""
-    found = [int(m.group(1)) for m in re.finditer(
-        r"%byte\w* = ttg\.async_copy_global_to_local .*?\{contiguity = (\d+) : i32\} : tensor<[^>]*ptr<i8>", ttgir)]
+    """Bytes per copy of the packed NF4 codes in the pipelined K-loop (``load_nf4_tile``'s ``byte`` loads, or the
+    int32 ``word`` loads of ``load_nf4_tile_mma_order``): 16 means 16-byte cp.async copies. None when those loads
+    are not pipelined copies (per-element path, or no pipelining)."""
+    found = [int(m.group(2)) * (4 if m.group(3) == "i32" else 1) for m in re.finditer(
+        r"%(byte|word)\w* = ttg\.async_copy_global_to_local .*?\{contiguity = (\d+) : i32\} : "
+        r"tensor<[^>]*ptr<(i8|i32)>", ttgir)]
     return min(found) if found else None
 
 

@@ -4,8 +4,10 @@ use it (issue 11: "nothing silently wrong").
 The asm (``nf4_asm``) is checked bit for bit on CPU by emulating its program, but how Triton hands the packed
 operands to the asm and takes its outputs can only be seen on a GPU. So the first bf16 GEMM launch on a CUDA device
 decodes a fixed tile of every byte value with both (``_decode_pairs_kernel``: a few microseconds, two small
-compiles) and compares the bits. On a mismatch the GEMMs fall back to the gather decode on that device, with a
-warning that says so; ``QLORA_KERNELS_NF4_DECODE`` (``lora_linear.decode_mode``) overrides either way.
+compiles) and compares the bits; likewise the word form of the asm that the forward's MMA-order tiles use
+(``_decode_mma_tile_kernel``: the same bytes as 16 weight rows of 128, through ``load_nf4_tile_mma_order``). On a
+mismatch the GEMMs fall back to the gather decode on that device, with a warning that says so;
+``QLORA_KERNELS_NF4_DECODE`` (``lora_linear.decode_mode``) overrides either way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,35 @@ def _decode_pairs_kernel(byte_ptr, absmax_ptr, code_ptr, hi_ptr, lo_ptr, ROWS: t
     hi, lo = tiles.decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE)
     tl.store(hi_ptr + offs, hi)
     tl.store(lo_ptr + offs, lo)
+
+
+@triton.jit
+def _decode_mma_tile_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                            DECODE: tl.constexpr):
+    # out [ROWS, 2·COLS] bf16 = load_nf4_tile_mma_order of ROWS weight rows of 2·COLS, packed [ROWS, COLS] bytes,
+    # float32 absmax [ROWS, 2·COLS / 64] (one warp: WARPS = 1).
+    words = tiles.nf4_register_words(code_ptr, DECODE)
+    k0 = tl.program_id(0) * (2 * COLS)  # 0, as the GEMM's loop variable is: a value, not a constant
+    w = tiles.load_nf4_tile_mma_order(
+        packed_ptr, absmax_ptr, absmax_ptr, absmax_ptr, code_ptr, code_ptr, 0, k0, ROWS, 2 * COLS,
+        ROWS, 2 * COLS, 1, 64, False, 256, DECODE, words,
+    )
+    offs = tl.arange(0, ROWS)[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    tl.store(out_ptr + offs, w)
+
+
+def decode_mma_tile(byte: torch.Tensor, absmax: torch.Tensor, decode: int) -> torch.Tensor:
+    """bf16 [ROWS, 2·COLS]: the [ROWS, COLS] uint8 tile as ROWS weight rows (blocks of 64, float32 ``absmax``
+    [ROWS, 2·COLS / 64]) through the forward's MMA-order tile loader, by the ``decode`` mode; for checks and tests."""
+    if byte.shape != (ROWS, COLS) or byte.dtype != torch.uint8:
+        raise ValueError(f"byte must be uint8 [{ROWS}, {COLS}], got {byte.dtype} {tuple(byte.shape)}")
+    blocks = (ROWS, 2 * COLS // 64)
+    if absmax.shape != blocks or absmax.dtype != torch.float32 or absmax.device != byte.device:
+        raise ValueError(f"absmax must be float32 {list(blocks)} on {byte.device}")
+    out = torch.full((ROWS, 2 * COLS), float("nan"), dtype=torch.bfloat16, device=byte.device)
+    _decode_mma_tile_kernel[(1,)](byte.contiguous(), absmax.contiguous(), tiles.nf4_levels(byte.device), out,
+                                  ROWS=ROWS, COLS=COLS, DECODE=decode, num_warps=1)
+    return out
 
 
 def decode_pairs(byte: torch.Tensor, absmax: torch.Tensor, decode: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +104,9 @@ def register_decode_works(device: torch.device) -> bool:
             byte, absmax = check_tile(device)
             asm = decode_pairs(byte, absmax, tiles.DECODE_REGISTERS_ASM.value)
             twin = decode_pairs(byte, absmax, tiles.DECODE_REGISTERS_TWIN.value)
+            blocks = absmax[:, ::32].contiguous()  # one absmax per block of 64 weights (32 bytes)
+            asm += (decode_mma_tile(byte, blocks, tiles.DECODE_REGISTERS_ASM.value),)
+            twin += (decode_mma_tile(byte, blocks, tiles.DECODE_REGISTERS_TWIN.value),)
             ok = all(torch.equal(a.view(torch.int16), t.view(torch.int16)) for a, t in zip(asm, twin))
             problem = "its weights differ from the plain-Triton twin's"
         except Exception as exc:  # noqa: BLE001 - any failure of the asm path means: do not use it

@@ -234,6 +234,7 @@ def nf4_lora_linear_fwd(
         BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
         HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
         DECODE=decode_mode(x.dtype, device) if decode is None else decode,
+        PACKED_ALIGNED=nf4[0].data_ptr() % 16 == 0,
         **extra, **compile_options(enable_fp_fusion=False),
     )
     return y, s

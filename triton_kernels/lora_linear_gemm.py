@@ -28,14 +28,18 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from .lora_linear_tiles import dropout_keep, load_nf4_tile, mma, nf4_register_words, to_dot_operand
+from .lora_linear_tiles import (
+    DECODE_GATHER, dropout_keep, load_nf4_tile, load_nf4_tile_mma_order, mma, mma_order_columns, nf4_register_words,
+    to_dot_operand,
+)
 
 SMALL_M = 16  # rows up to which the decode-shaped configurations serve
 
 
 def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
+    # WARPS repeats num_warps for the kernels (the forward's MMA-order tiles lay their rows out by warp).
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap, "WARPS": warps},
         num_warps=warps,
         num_stages=stages,
     )
@@ -80,11 +84,12 @@ _DX_LARGE_M = [
 # weight tile is wgmma's 64/128-row left operand and the token rows its N dimension. Each table starts with the
 # static model's pick (sass_model.json; the first candidate is what QLORA_KERNELS_AUTOTUNE=0 runs and the first two
 # what the GPU check tunes): forward 16×32×256 plain at N = 4096 (128 programs; 16×64×256 swapped leaves half the
-# SMs idle with 64), 16×128×128 swapped at N = 14336.
+# SMs idle with 64), 16×64×256 swapped at N = 14336 (MMA-order tiles: 224 programs, ALU-bound; 16×128×128 swapped
+# runs 112).
 _FWD_SMALL_M = [
     (16, 32, 256, 4, 3, False),
-    (16, 128, 128, 4, 3, True),
     (16, 64, 256, 4, 3, True),
+    (16, 128, 128, 4, 3, True),
     (16, 16, 256, 4, 3, False),
     (16, 64, 128, 4, 4, False),
 ]
@@ -149,7 +154,7 @@ def gemm_configs(kernel: str, small_m: bool, aligned_rows: bool, every_candidate
 # Every constexpr that is not a tile size, plus the shape: a new value re-tunes (DESIGN.md, "Conventions").
 FWD_TUNING_KEY = [
     "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_BIAS",
-    "WRITE_LORA", "DOT_FP32", "DECODE",
+    "WRITE_LORA", "DOT_FP32", "DECODE", "PACKED_ALIGNED",
 ]
 DX_TUNING_KEY = [
     "m_bucket", "N", "K", "BLOCK_R", "BLOCKSIZE", "ALIGNED_ROWS", "HAS_DOUBLE_QUANT", "NESTED", "HAS_DROPOUT",
@@ -224,6 +229,7 @@ def _nf4_lora_fwd_kernel(
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
+    PACKED_ALIGNED: tl.constexpr = False, WARPS: tl.constexpr = 4,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -246,18 +252,38 @@ def _nf4_lora_fwd_kernel(
             acc += bias[None, :]
 
     words = nf4_register_words(code_ptr, DECODE)
+    # Decode-sized tiles with the decoded weight as wgmma's register operand (SWAP_AB, register decode, block-aligned
+    # rows, packed bytes 16-byte aligned: read as words) take it in MMA order (lora_linear_tiles: no shared-memory
+    # round trip), x's columns following that order: gathered in pairs (4-byte copies), cheap for a 16-row x tile;
+    # the training tiles' 128-256-row x tiles would need 8 times the copies (and their 256-row tiles spill).
+    MMA_ORDER: tl.constexpr = (
+        BLOCK_M <= 16 and SWAP_AB and ALIGNED_ROWS and PACKED_ALIGNED and DECODE != DECODE_GATHER
+        and BLOCK_N % (16 * WARPS) == 0 and BLOCK_K % 32 == 0 and BLOCK_K <= 4 * BLOCKSIZE
+    )
     # x's column offsets in int64: a column-strided x (a transposed activation) has k · stride_xk past 2^31.
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K).to(tl.int64)[None, :] * stride_xk
     x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        x_ptrs += x_step
-        w = load_nf4_tile(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
-            offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED, DECODE,
-            words,
-        )
+        if MMA_ORDER:
+            offs_k = mma_order_columns(k0, BLOCK_K)
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
+                mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
+            )
+            w = load_nf4_tile_mma_order(
+                packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+                pid_n * BLOCK_N, k0, N, K, BLOCK_N, BLOCK_K, WARPS, BLOCKSIZE, HAS_DOUBLE_QUANT, NESTED, DECODE,
+                words,
+            )
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            x_ptrs += x_step
+            w = load_nf4_tile(
+                packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+                offs_n, k0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, ALIGNED_ROWS, HAS_DOUBLE_QUANT, NESTED, DECODE,
+                words,
+            )
         x = to_dot_operand(x, DTYPE, DOT_FP32)
         w = to_dot_operand(w, DTYPE, DOT_FP32)
         if SWAP_AB:
@@ -284,6 +310,7 @@ def _nf4_lora_bwd_dx_kernel(
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
+    WARPS: tl.constexpr = 4,  # noqa: ARG001 - the configurations' num_warps (used by the forward's tiles)
 ):
     # The output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps, reading the weight
     # tile W[n0 : n0 + BLOCK_N, k-tile] (rows contiguous along K, the output dimension here).

@@ -200,3 +200,98 @@ def load_nf4_tile(
         )
         w = tl.load(code_ptr + nibble) * absmax
     return w
+
+
+# ------------------------------------------------------------------------------- MMA-order tiles (no round trip)
+#
+# wgmma takes its left operand from registers in a fixed layout: lane (g = lane / 4, t = lane % 4) of warp w holds,
+# per 16-column step j, rows 16w + g and 16w + g + 8 and columns 2t, 2t + 1, 2t + 8, 2t + 9. Decoded from a row-major
+# tile those values sit in other threads (4 bytes apart in memory), so Triton converts the decoded tile through
+# shared memory: a store and a read back of every weight (issue 11; the largest shared-memory user of the forward
+# GEMMs in the static model). A dot product does not care in which order it sums, so the forward GEMM may give the
+# MMA its K columns in any order, as long as x's columns follow the same one. In "MMA order" the tile's slot
+# s = 16j + 8h + 2t + e (j the 16-column step, h the half, t the lane's column pair, e the nibble) holds column
+# (BLOCK_K / 4)·t + 4j + 2h + e: the bytes that lane t of a row decodes are then BLOCK_K / 8 contiguous ones
+# (one 16-byte load at BLOCK_K = 128), and the tile comes out of the decode already in the operand's layout
+# (no shared memory; Triton 3.6, the H200's, compiles it so: compile_check shows no STS / LDSM in the loop).
+
+
+@triton.jit
+def mma_order_columns(k0, BLOCK_K: tl.constexpr):
+    """[BLOCK_K]: the column of the weight (and of x) that each slot of an MMA-order tile starting at column ``k0``
+    holds (slot s = 16j + 8h + 2t + e <- k0 + (BLOCK_K / 4)·t + 4j + 2h + e)."""
+    s = tl.arange(0, BLOCK_K)
+    return k0 + (BLOCK_K // 4) * ((s // 2) % 4) + 4 * (s // 16) + 2 * ((s // 8) % 2) + (s % 2)
+
+
+_NF4_DECODE_WORD_PTX = tl.constexpr(nf4_asm.ptx(word_input=True))
+_NF4_DECODE_WORD_CONSTRAINTS = tl.constexpr(nf4_asm.CONSTRAINTS_WORD)
+
+
+@triton.jit
+def _word_bytes_last(b0, b1, b2, b3, WARPS: tl.constexpr, REP: tl.constexpr, C: tl.constexpr):
+    # [t, g, w, i, rep, q] x 4 (byte j of each word) -> [t, g, w, i, rep, c], byte j of word q at c = 4q + j:
+    # registers side by side, no data movement.
+    v = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [..., q, j % 2, j // 2]
+    v = tl.permute(v, [0, 1, 2, 3, 4, 5, 7, 6])
+    return tl.reshape(v, [4, 8, WARPS, 2, REP, C])
+
+
+@triton.jit
+def load_nf4_tile_mma_order(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
+    n0, k0, N, K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARPS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    DECODE: tl.constexpr, words,
+):
+    """[BLOCK_N, BLOCK_K] bf16: rows n0 .. n0 + BLOCK_N of deq(W), columns ``mma_order_columns(k0, BLOCK_K)`` in
+    that order, decoded in registers (DECODE_REGISTERS_*; the block-aligned path, K % BLOCKSIZE == 0, the packed
+    bytes 16-byte aligned: they are read as int32 words). Needs BLOCK_N a multiple of 16·WARPS, BLOCK_K a power of
+    two from 32 to 4·BLOCKSIZE (a lane's bytes of a row then lie in one block). WARPS (the launch's warps) decides
+    which rows each warp loads: the operand layout's; another value gives the same numbers, through Triton's
+    conversion. Out-of-range elements come back finite."""
+    REP: tl.constexpr = BLOCK_N // (16 * WARPS)
+    C: tl.constexpr = BLOCK_K // 8  # bytes a lane decodes per row and tile
+    Q: tl.constexpr = C // 4  # as int32 words: the asm's input stays one word of one row (no byte re-packing)
+    # Dimensions [t, g, w, i, rep, q], in the order Triton gives lanes (t, then g) and warps (w) to a row-major load:
+    # row n0 + 16·(rep·WARPS + w) + 8·i + g, word column k0 / 8 + Q·t + q.
+    t = tl.arange(0, 4)[:, None, None, None, None, None]
+    g = tl.arange(0, 8)[None, :, None, None, None, None]
+    w = tl.arange(0, WARPS)[None, None, :, None, None, None]
+    i = tl.arange(0, 2)[None, None, None, :, None, None]
+    rep = tl.arange(0, REP)[None, None, None, None, :, None]
+    q = tl.arange(0, Q)[None, None, None, None, None, :]
+    row = n0 + 16 * (rep * WARPS + w) + 8 * i + g
+    mask_row = row < N
+    row_words = (K // BLOCKSIZE) * (BLOCKSIZE // 8)  # a multiple of BLOCKSIZE / 8: 16-byte row starts
+    col = tl.multiple_of(k0 // 8, BLOCK_K // 8) + Q * t + q
+    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    word = tl.load(word_ptr + row * row_words + col, mask=mask_row & (col < row_words), other=0)
+    first = k0 + (BLOCK_K // 4) * t  # a lane's columns of a row: one block
+    block = row * (K // BLOCKSIZE) + first // BLOCKSIZE
+    absmax = _block_absmax(
+        block, mask_row & (first < K), absmax_ptr, nested_absmax_ptr, offset_ptr, nested_code_ptr,
+        HAS_DOUBLE_QUANT, NESTED,
+    )
+    if DECODE == DECODE_REGISTERS_ASM:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            _NF4_DECODE_WORD_PTX, _NF4_DECODE_WORD_CONSTRAINTS,
+            [word, tl.broadcast_to(absmax, word.shape), words[0], words[1], words[2], words[3]],
+            (tl.int32, tl.int32, tl.int32, tl.int32), True, 1,
+        )
+        pair = _word_bytes_last(p0, p1, p2, p3, WARPS, REP, C)  # [t, g, w, i, rep, c]: byte c of the lane's run
+        w_hi, w_lo = tl.inline_asm_elementwise(
+            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], (tl.bfloat16, tl.bfloat16), True, 1
+        )
+    else:
+        byte = _word_bytes_last(
+            word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF, (word >> 24) & 0xFF, WARPS, REP, C
+        )
+        w_hi, w_lo = decode_nf4_pairs(
+            byte.to(tl.uint8), tl.broadcast_to(absmax, byte.shape), code_ptr, words, DECODE
+        )
+    tile = tl.join(w_hi, w_lo)  # [t, g, w, i, rep, c, e]
+    tile = tl.reshape(tile, [4, 8, WARPS, 2, REP, C // 2, 2, 2])  # c = 2j + h
+    tile = tl.permute(tile, [4, 2, 3, 1, 5, 6, 0, 7])  # [rep, w, i, g, j, h, t, e]
+    return tl.reshape(tile, [BLOCK_N, BLOCK_K])

@@ -85,6 +85,13 @@ OPERANDS = {"$p0": 0, "$p1": 1, "$p2": 2, "$p3": 3, "$w": 4, "$a0": 5, "$a1": 6,
             "TL0": 9, "TL2": 13, "TH0": 17, "TH2": 21}
 CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * 21)
 PACK = 4
+# The word form (``ptx(word_input=True)``, pack=1): the packed word arrives as one int32 (4 bytes of one weight row,
+# in memory order, so Triton never re-packs bytes from several rows into the asm's input register), with one float32
+# absmax for its 4 bytes (they lie in one block) and the four codebook words one register each; four int32 outputs,
+# the bf16 pairs of bytes 0..3.
+OPERANDS_WORD = {"$p0": 0, "$p1": 1, "$p2": 2, "$p3": 3, "$w": 4, "$a0": 5, "$a1": 5, "$a2": 5, "$a3": 5,
+                 "TL0": 6, "TL2": 7, "TH0": 8, "TH2": 9}
+CONSTRAINTS_WORD = ",".join(["=r"] * 4 + ["r"] * 6)
 # The codebook words a prmt takes from a register (its first table operand; the second is an immediate): they are
 # loaded once per program, before the main loop, and passed in, so they stay in registers. As immediates, ptxas
 # re-materialised them at every use (one IMAD per lookup, a quarter of the program's cost).
@@ -109,24 +116,27 @@ def codebook_words(dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     return words
 
 
-def _operand(name, temps: set) -> str:
+def _operand(name, temps: set, operands: dict) -> str:
     if isinstance(name, int):
         return f"0x{name:X}"
-    if name in OPERANDS:
-        return f"${OPERANDS[name]}"
+    if name in operands:
+        return f"${operands[name]}"
     if name.startswith(("TL", "TH")):  # the immediates
         return str(codebook_words()[name])
     temps.add(name)
     return f"q_{name}"
 
 
-def ptx() -> str:
-    """The program as the PTX body of ``tl.inline_asm_elementwise`` (a braced scope with its own registers)."""
+def ptx(word_input: bool = False) -> str:
+    """The program as the PTX body of ``tl.inline_asm_elementwise`` (a braced scope with its own registers):
+    ``OPERANDS`` / ``CONSTRAINTS`` (4 uint8 inputs packed in one register, pack=4, an absmax each), or with
+    ``word_input`` ``OPERANDS_WORD`` / ``CONSTRAINTS_WORD`` (one int32 word and one absmax, pack=1)."""
+    operands = OPERANDS_WORD if word_input else OPERANDS
     temps: set = set()
     lines = []
     for op, dst, *src in PROGRAM:
-        d = _operand(dst, temps)
-        s = [_operand(x, temps) for x in src]
+        d = _operand(dst, temps, operands)
+        s = [_operand(x, temps, operands) for x in src]
         if op == "shl":
             lines.append(f"shl.b32 {d}, {s[0]}, {src[1]};")
         elif op == "shr":
