@@ -115,3 +115,28 @@ def test_forward_with_mma_order_tiles_matches_the_reference(triton_device, monke
         assert err < 1e-2, (name, err)
     diff = (outs["mma order"].double() - outs["row major"].double()).norm() / want.norm()
     assert diff.item() < 1e-2
+
+
+def test_unaligned_packed_bytes_take_the_row_major_path(triton_device, monkeypatch):
+    # The MMA-order tiles read the packed bytes as int32 words: packed bytes that do not start on 16 bytes (a view
+    # into a larger buffer) go through the byte loads instead, with the same result.
+    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", "twin")
+    torch.manual_seed(3)
+    M, N, K, r = 2, 32, 128, 8
+    w4 = qk.NF4Weight.quantize(torch.randn(N, K, device=triton_device) * K**-0.5)
+    packed, *rest = w4.op_storage()
+    buffer = torch.zeros(packed.numel() + 16, dtype=torch.uint8, device=triton_device)
+    shifted = buffer[4: 4 + packed.numel()]
+    shifted.copy_(packed)
+    assert shifted.data_ptr() % 16 and packed.data_ptr() % 16 == 0
+    x = torch.randn(M, K, device=triton_device).to(torch.bfloat16)
+    a = (torch.randn(r, K, device=triton_device) * K**-0.5).to(torch.bfloat16)
+    b = (torch.randn(N, r, device=triton_device) * r**-0.5).to(torch.bfloat16)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "SWAP_AB": True, "WARPS": 2,
+              "num_warps": 2, "num_stages": 1}
+    outs = [launch.nf4_lora_linear_fwd(x, p, *rest, a, b, 2.0, None, 0.0, None, config=config)[0]
+            for p in (packed, shifted)]
+    want, _ = ref.nf4_lora_linear_fwd(x.double(), packed, *rest, a.double(), b.double(), 2.0, None, 0.0, None)
+    for out in outs:
+        assert ((out.double() - want).norm() / want.norm()).item() < 1e-2
+    assert ((outs[0].double() - outs[1].double()).norm() / want.norm()).item() < 1e-2
