@@ -11,7 +11,8 @@ keeps what it found).
 3. one step of PagedAdamW (32-bit) against torch.optim.AdamW and of PagedAdamW8bit against bitsandbytes'
    PagedAdamW8bit, from the same start;
 4. the bf16 GEMMs' register decode (triton_kernels/nf4_asm.py, inline asm the CPU cannot run) against its plain
-   Triton twin: the same forward output, bit for bit, at M = 16 and 4096 (the first candidate of each family).
+   Triton twin: the same forward output, bit for bit, at M = 16 and 4096 (the first candidate of each family) and
+   at M = 16 through the MMA-order tiles (the first swapped candidate).
 
 Runs the first autotuning candidate of each kernel (QLORA_KERNELS_AUTOTUNE=0): correctness needs no tuning, and
 the benchmark stage then finds these kernels compiled in Triton's cache. On a GPU the groups of checks (one per M,
@@ -120,9 +121,10 @@ def check_optimizer_step(device: torch.device, bits: int) -> dict:
     return {"ok": err <= tol, "update_relative_error": float(f"{err:.3e}"), "tolerance": tol}
 
 
-def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int = 16) -> dict:
+def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int = 16, swapped: bool = False) -> dict:
     """The fused forward with the register decode's inline asm and with its twin: identical bf16 outputs (the two
-    produce the same weights bit for bit, so the same MMAs follow)."""
+    produce the same weights bit for bit, so the same MMAs follow). The family's first candidate, or with
+    ``swapped`` its first SWAP_AB one (at M ≤ 16: the MMA-order tiles and the asm's word form)."""
     import qlora_kernels as qk
     from qlora_kernels.triton_kernels import lora_linear as launch
     from qlora_kernels.triton_kernels import lora_linear_gemm as gemm
@@ -134,7 +136,8 @@ def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int =
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     a = torch.randn(r, k, device=device, dtype=torch.bfloat16) * k**-0.5
     b = torch.randn(n, r, device=device, dtype=torch.bfloat16) * r**-0.5
-    first = gemm.gemm_configs("fwd", m <= gemm.SMALL_M, True, every_candidate=True)[0]
+    candidates = gemm.gemm_configs("fwd", m <= gemm.SMALL_M, True, every_candidate=True)
+    first = next(c for c in candidates if c.kwargs["SWAP_AB"]) if swapped else candidates[0]
     config = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
     storage = w4.op_storage()
     outs = {}
@@ -164,6 +167,9 @@ def checks_for(device: torch.device, small: bool) -> list[tuple[str, str, Callab
         n, k = shapes[0]
         checks.append(("decode", f"register decode asm vs twin, fused fwd M={m} {n}x{k}",
                        lambda n=n, k=k, m=m: check_register_decode(device, n, k, m)))
+    n, k = shapes[0]
+    checks.append(("decode", f"register decode asm vs twin, MMA-order tiles, fused fwd M=16 {n}x{k}",
+                   lambda n=n, k=k: check_register_decode(device, n, k, 16, swapped=True)))
     return checks
 
 

@@ -90,12 +90,13 @@ def test_mma_order_tile_is_the_row_major_tile_in_its_column_order(triton_device,
     assert torch.isfinite(mma.float()).all()
 
 
+@pytest.mark.parametrize("decode", ["auto", "twin"])  # auto: the asm on a GPU (the twin under the interpreter)
 @pytest.mark.parametrize("M, N, K", [(1, 50, 192), (3, 96, 320), (16, 64, 64)], ids=str)
-def test_forward_with_mma_order_tiles_matches_the_reference(triton_device, monkeypatch, M, N, K):
+def test_forward_with_mma_order_tiles_matches_the_reference(triton_device, monkeypatch, M, N, K, decode):
     # The decode configuration forced onto the MMA-order path (swapped, register decode), with K not a multiple of
-    # BLOCK_K and N not one of BLOCK_N, a 3-D strided x and a NaN-filled output: the float64 reference at DESIGN.md's
-    # bf16 tolerance, and the row-major path's result to float32 summation order.
-    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", "twin")
+    # BLOCK_K and N not one of BLOCK_N, a column-strided x and a NaN-filled output: the float64 reference at
+    # DESIGN.md's bf16 tolerance, and the row-major path's result to float32 summation order.
+    monkeypatch.setenv("QLORA_KERNELS_NF4_DECODE", decode)
     torch.manual_seed(2)
     r = 8
     w4 = qk.NF4Weight.quantize(torch.randn(N, K, device=triton_device) * K**-0.5)
