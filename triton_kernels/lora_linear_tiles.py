@@ -114,21 +114,25 @@ def nf4_register_words(code_ptr, DECODE: tl.constexpr):
 
 
 @triton.jit
+def _split_pairs(pair):
+    # int32 bf16 pairs (the asm's outputs) -> (low halves, high halves) as bf16, by a register move that ptxas
+    # elides: the halves stay where they are, so the callers' join costs nothing.
+    return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], (tl.bfloat16, tl.bfloat16), True, 1)
+
+
+@triton.jit
 def decode_nf4_pairs(byte, absmax, code_ptr, words, DECODE: tl.constexpr):
     """bf16 (w_hi, w_lo): the weights of the high and the low nibble of each uint8 ``byte``, times its block's
     float32 ``absmax`` (same shape), as bf16(bf16(level) · bf16(absmax)) (``nf4_asm``). DECODE_REGISTERS_ASM runs
     the prmt lookup (no memory access); DECODE_REGISTERS_TWIN computes the same bits with a gather, for the
     interpreter, which cannot run inline asm."""
     if DECODE == DECODE_REGISTERS_ASM:
-        # One int32 per byte, its bf16 pair; split into two bf16 tensors by a register move that ptxas elides (the
-        # halves stay where they are, so Triton's join below costs nothing).
+        # One int32 per byte, its bf16 pair.
         pair = tl.inline_asm_elementwise(
             _NF4_DECODE_PTX, nf4_asm.CONSTRAINTS, [byte, absmax, words[0], words[1], words[2], words[3]],
             tl.int32, True, nf4_asm.PACK,
         )
-        w_hi, w_lo = tl.inline_asm_elementwise(
-            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], (tl.bfloat16, tl.bfloat16), True, 1
-        )
+        w_hi, w_lo = _split_pairs(pair)
     else:
         b = byte.to(tl.int32)
         scale = absmax.to(tl.bfloat16).to(tl.float32)
@@ -281,9 +285,7 @@ def load_nf4_tile_mma_order(
             (tl.int32, tl.int32, tl.int32, tl.int32), True, 1,
         )
         pair = _word_bytes_last(p0, p1, p2, p3, WARPS, REP, C)  # [t, g, w, i, rep, c]: byte c of the lane's run
-        w_hi, w_lo = tl.inline_asm_elementwise(
-            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], (tl.bfloat16, tl.bfloat16), True, 1
-        )
+        w_hi, w_lo = _split_pairs(pair)
     else:
         byte = _word_bytes_last(
             word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF, (word >> 24) & 0xFF, WARPS, REP, C
