@@ -68,7 +68,7 @@ PY36 := $(VENV36)/bin/python
 STAMP36 := $(VENV36)/.qlora-kernels-installed
 TRITON36_TESTS := tests/test_sm90_compile.py tests/test_nf4_api.py tests/test_nf4_bnb.py tests/test_nf4_format.py \
 	tests/test_lora_linear.py tests/test_int64_offsets.py tests/test_sass_model.py tests/test_nf4_asm.py \
-	tests/test_dense_route.py tests/test_mma_order.py
+	tests/test_dense_route.py tests/test_mma_order.py tests/test_split_k.py
 
 $(STAMP36): requirements-triton36.txt setup.py pyproject.toml
 	test -x $(PY36) || $(PYTHON_SYS) -m venv $(VENV36)

@@ -44,7 +44,7 @@ def test_every_configuration_compiles_for_sm90(report):
     families = {r["family"] for r in results}
     assert families == {
         "fwd_large_m", "fwd_small_m", "bwd_dx_large_m", "bwd_dx_small_m", "rows", "cols",
-        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize", "lora_term", "decode_check",
+        "nf4_quantize", "nf4_absmax_8bit", "nf4_dequantize", "lora_term", "decode_check", "split_sum",
     }
 
 
@@ -138,11 +138,10 @@ def _config(model, name):
 
 DECODE_GOAL = pytest.mark.xfail(
     strict=True, reason="issue 11: the register decode and the MMA-order tiles (no shared-memory round trip) "
-    "brought the swapped forward's loop to ~5.2 lane-instructions per weight, of which the prmt program is ~3.4, "
+    "brought the swapped forward's loop to ~5.3-5.5 lane-instructions per weight, of which the prmt program is ~3.4, "
     "x's pairwise column gather, the absmax and the loop's fixed costs the rest; its ALU work (~3.2 per weight, "
-    "the program alone 2.6, at 64 INT32 lanes per SM) caps the modelled M = 1 decode at ~60 % of HBM (75 % for "
-    "the program alone); split-K "
-    "for N = 4096 is not built",
+    "the program alone 2.75, at 64 INT32 lanes per SM) caps the modelled M = 1 decode at ~60 % of HBM (2.51 TB/s "
+    "with split-K); 80 % needs <= 2.4 ALU lane-instructions per weight, below any 16-entry prmt lookup",
 )
 
 
@@ -163,9 +162,10 @@ def test_decode_at_m1_is_modelled_at_80_percent_of_hbm(model, N):
     assert chosen["nf4_bytes_per_s"] >= floor, f"{chosen['name']}: {chosen['nf4_bytes_per_s'] / 1e12:.2f} TB/s"
 
 
-@DECODE_GOAL
 @pytest.mark.parametrize("kind", ["fwd", "dx"])
 def test_decode_launches_enough_programs_for_132_sms(model, kind):
+    # Split-K (lora_linear_gemm SPLIT_K, _common.split_count): the decode GEMMs split their reduction where the
+    # output tiles alone would leave SMs idle.
     for shape, chosen in _chosen(model, kind, 1):
         assert chosen["programs"] >= model["machine"]["sms"], (shape["N"], chosen["name"], chosen["programs"])
 

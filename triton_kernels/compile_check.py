@@ -127,7 +127,7 @@ def _gemm_args(
     common = {
         "packed_ptr": t(torch.uint8), "absmax_ptr": t(torch.uint8 if double_quant else torch.float32),
         "nested_absmax_ptr": t(torch.float32), "offset_ptr": t(torch.float32), "code_ptr": t(torch.float32),
-"nested_code_ptr": t(torch.float32),
+"nested_code_ptr": t(torch.float32), "part_ptr": t(torch.float32),
         "M": M, "N": N, "K": K, "rank": rank, "scale": 2.0, "m_bucket": min(triton.next_power_of_2(M), 8192),
     }
     if kind == "fwd":
@@ -258,7 +258,20 @@ def cases(quick: bool = False) -> list[Case]:
     """Every compilation the check performs (``quick``: one plain and one swapped configuration per GEMM family,
     one variant of the others)."""
     dense_cases = [Case(*c, needs_wgmma=False) for c in dense.compile_cases(quick)]
-    return _gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick) + dense_cases + _decode_check_cases()
+    return (_gemm_cases(quick) + _thin_cases(quick) + _nf4_cases(quick) + dense_cases + _decode_check_cases()
+            + _split_sum_cases())
+
+
+def _split_sum_cases() -> list[Case]:
+    """The split-K partial sums' kernel (lora_linear_gemm): a decode-sized GEMM's splits added into Y or dX."""
+    t = _tensor
+    return [
+        Case("split_sum", name, gemm._split_sum_kernel,
+             {"part_ptr": t(torch.float32), "out_ptr": t(dtype), "M": 16, "OUT": 14336, "splits": 4,
+              "stride_om": 14336, "stride_oc": 1},
+             {"BLOCK": gemm.SPLIT_SUM_BLOCK}, {"num_warps": 4, "num_stages": 3}, False)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    ]
 
 
 def _decode_check_cases() -> list[Case]:

@@ -5,7 +5,9 @@ lora_A [r, K], lora_B [N, r], one float dtype for x, the LoRA matrices and the b
 written in place and ``config`` to force one GEMM configuration (tests, the compile check).
 
 Launch order, forward: thin pass (S partial sums) -> GEMM (sums S, stores it, writes Y). Backward: thin pass (dS
-partial sums) -> dX GEMM (sums dS, stores it) -> dA thin pass over x -> dB (+ dbias) thin pass over dY.
+partial sums) -> dX GEMM (sums dS, stores it) -> dA thin pass over x -> dB (+ dbias) thin pass over dY. At M ≤ 16 a
+GEMM may split its reduction (split-K, ``_common.split_count``: when its output tiles alone would leave SMs idle):
+the splits write float32 partial sums and ``_split_sum_kernel`` adds them, in order, into Y (or dX).
 
 At M > 16 each GEMM has a second route, dequantize once + cuBLAS (``lora_linear_dense``), chosen per shape by a
 first-call measurement (``route``); ``_gemm_or_dense`` is the one place each direction asks. A forced ``config``
@@ -15,8 +17,10 @@ would write and re-read it in bf16.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import triton
@@ -26,8 +30,10 @@ from qlora_kernels import reference
 from . import decode_check as _decode_check
 from . import lora_linear_dense as _dense
 from . import route as _route
-from ._common import check_launchable, compile_options, interpreting
-from .lora_linear_gemm import SMALL_M, _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, tuned_gemm
+from ._common import check_launchable, compile_options, interpreting, split_count, split_limit
+from .lora_linear_gemm import (
+    SMALL_M, SPLIT_SUM_BLOCK, _nf4_lora_bwd_dx_kernel, _nf4_lora_fwd_kernel, _split_sum_kernel, tuned_gemm,
+)
 from .lora_linear_thin import _lora_cols_kernel, _lora_rows_kernel, block_r, cols_plan, rows_plan
 from .lora_linear_tiles import DECODE_GATHER, DECODE_REGISTERS_ASM, DECODE_REGISTERS_TWIN, nf4_levels
 
@@ -113,18 +119,82 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
-def _gemm_launch(kind: str, M: int, out_cols: int, aligned_rows: bool, config: Optional[dict[str, Any]]):
-    """(kernel, grid, extra kwargs): the autotuned ``kind`` GEMM for M and the decode path, or the raw kernel with
-    ``config`` forced. The output columns (out_cols of them) are tiled by BLOCK_N (fwd) or BLOCK_K (dx)."""
-    out_tile = "BLOCK_N" if kind == "fwd" else "BLOCK_K"
+# The interpreter has no SMs: it splits decode-sized reductions as an H200 (132 SMs) would, so that the tests run the
+# split-K path at the launches' own choice.
+_INTERPRETER_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+@dataclasses.dataclass
+class _GemmLaunch:
+    """One GEMM launch: ``kernel[grid](...)`` with ``extra`` kwargs. A configuration with SPLIT_K may split the
+    reduction over the grid's second axis (``splits_of``: how many for a configuration's kwargs); its float32
+    partial sums go to a buffer of ``max_splits`` slices, and ``finish`` adds them into the output."""
+
+    kernel: Any
+    grid: Callable
+    extra: dict
+    splits_of: Callable[[dict], int]
+    max_splits: int
+    used: Callable[[], dict]  # the kwargs of the configuration that ran (after the launch)
+
+    def parts(self, M: int, out_cols: int, device: torch.device, placeholder: torch.Tensor) -> torch.Tensor:
+        """The partial sums' buffer [max_splits, M, out_cols] float32, or ``placeholder`` (float32) when no
+        configuration splits."""
+        if self.max_splits == 1:
+            return placeholder
+        return torch.empty((self.max_splits, M, out_cols), dtype=torch.float32, device=device)
+
+    def finish(self, parts: torch.Tensor, out: torch.Tensor) -> None:
+        """After the launch: out = Σ of the partial sums, in split order, if the configuration that ran split."""
+        splits = self.splits_of(self.used())
+        if splits > 1:
+            M, out_cols = out.shape
+            _split_sum_kernel[(triton.cdiv(M * out_cols, SPLIT_SUM_BLOCK),)](
+                parts, out, M, out_cols, splits, out.stride(0), out.stride(1), BLOCK=SPLIT_SUM_BLOCK,
+            )
+
+
+def _gemm_launch(
+    kind: str, M: int, out_cols: int, reduce_len: int, aligned_rows: bool, device: torch.device,
+    config: Optional[dict[str, Any]],
+) -> _GemmLaunch:
+    """The autotuned ``kind`` GEMM for M and the decode path, or the raw kernel with ``config`` forced (a forced
+    config may also name its split count, ``splits``). The output columns (out_cols of them) are tiled by BLOCK_N
+    (fwd) or BLOCK_K (dx), the reduction (reduce_len) by the other."""
+    out_tile, reduce_tile = ("BLOCK_N", "BLOCK_K") if kind == "fwd" else ("BLOCK_K", "BLOCK_N")
+    sms = _sm_count(device)
+    forced_splits = None if config is None else config.get("splits")
+
+    def tiles(meta) -> int:
+        return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[out_tile])
+
+    def splits_of(meta) -> int:
+        if not meta.get("SPLIT_K", False):
+            return 1
+        if forced_splits is not None:
+            return forced_splits
+        return split_count(tiles(meta), triton.cdiv(reduce_len, meta[reduce_tile]), sms, split_limit(M, reduce_len))
+
+    grid = lambda meta: (tiles(meta), splits_of(meta))  # noqa: E731
     if config is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_cols, meta[out_tile]),)  # noqa: E731
-        return tuned_gemm(kind, M, aligned_rows), grid, {}
+        tuned = tuned_gemm(kind, M, aligned_rows)
+        max_splits = max(splits_of(c.kwargs) for c in tuned.configs)
+        return _GemmLaunch(tuned, grid, {}, splits_of, max_splits, lambda: tuned.best_config.kwargs)
     config = dict(config)
+    config.pop("splits", None)
+    if forced_splits is not None and not (isinstance(forced_splits, int) and 1 <= forced_splits):
+        raise ValueError(f"config['splits'] must be a positive int, got {forced_splits!r}")
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(out_cols, config[out_tile]),)
     raw = _nf4_lora_fwd_kernel if kind == "fwd" else _nf4_lora_bwd_dx_kernel
-    return raw, grid, {**config, **compile_options(**launch)}
+    return _GemmLaunch(raw, grid(config), {**config, **compile_options(**launch)}, splits_of, splits_of(config),
+                       lambda: config)
 
 
 def _gemm_or_dense(fused_launch, key_args: tuple, dense, fused_forced: bool, device: torch.device):
@@ -216,17 +286,18 @@ def nf4_lora_linear_fwd(
     write_s = s.data_ptr() != s_parts.data_ptr()
     nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
     aligned_rows = K % blocksize == 0
-    kernel, grid, extra = _gemm_launch("fwd", M, N, aligned_rows, config)
+    gemm = _gemm_launch("fwd", M, N, K, aligned_rows, device, config)
+    parts = gemm.parts(M, N, device, s_parts)
     bias_arg = bias.contiguous() if bias is not None else s_parts
     dense = lambda: _dense.dense_fwd(  # noqa: E731
         x, nf4, double_quant, blocksize, s_parts, lora_B, float(scale), bias_arg if bias is not None else None,
         y, s, write_s, dot_fp32,
     )
-    launch = _gemm_or_dense(kernel[grid], ("fwd", M, N, K, rank, x.dtype, blocksize, double_quant,
-                                           bias is not None, False), dense,
+    launch = _gemm_or_dense(gemm.kernel[gemm.grid], ("fwd", M, N, K, rank, x.dtype, blocksize, double_quant,
+                                                     bias is not None, False), dense,
                             config is not None or decode is not None, device)
     launch(
-        x, *nf4, s_parts, lora_B, bias_arg, y, s,
+        x, *nf4, s_parts, lora_B, bias_arg, y, s, parts,
         M, N, K, rank, splits, float(scale),
         x.stride(0), x.stride(1), s_parts.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         _m_bucket(M),
@@ -235,8 +306,10 @@ def nf4_lora_linear_fwd(
         HAS_BIAS=bias is not None, WRITE_LORA=write_s, DOT_FP32=dot_fp32,
         DECODE=decode_mode(x.dtype, device) if decode is None else decode,
         PACKED_ALIGNED=nf4[0].data_ptr() % 16 == 0,
-        **extra, **compile_options(enable_fp_fusion=False),
+        **gemm.extra, **compile_options(enable_fp_fusion=False),
     )
+    if M <= SMALL_M:  # only decode-sized GEMMs split (larger M may have taken the dense route)
+        gemm.finish(parts, y)
     return y, s
 
 
@@ -301,15 +374,16 @@ def nf4_lora_linear_bwd(
     if need_x:
         nf4, double_quant = _nf4_args(packed, absmax, nested_absmax, offset, nested_code, device)
         aligned_rows = K % blocksize == 0
-        kernel, grid, extra = _gemm_launch("dx", M, K, aligned_rows, config)
+        gemm = _gemm_launch("dx", M, K, N, aligned_rows, device, config)
+        parts = gemm.parts(M, K, device, ds_parts)
         dense = lambda: _dense.dense_dx(  # noqa: E731
             grad_y, nf4, double_quant, blocksize, ds_parts, lora_A, float(scale), dropout_args, grad_x, ds,
             splits > 1, dot_fp32,
         )
-        launch = _gemm_or_dense(kernel[grid], ("dx", M, N, K, rank, dtype, blocksize, double_quant, False,
-                                               has_dropout), dense, config is not None, device)
+        launch = _gemm_or_dense(gemm.kernel[gemm.grid], ("dx", M, N, K, rank, dtype, blocksize, double_quant,
+                                                         False, has_dropout), dense, config is not None, device)
         launch(
-            grad_y, *nf4, ds_parts, lora_A, seed_arg, grad_x, ds,
+            grad_y, *nf4, ds_parts, lora_A, seed_arg, grad_x, ds, parts,
             M, N, K, rank, splits, float(scale), threshold, inv_keep,
             grad_y.stride(0), grad_y.stride(1), ds_parts.stride(0), lora_A.stride(0), lora_A.stride(1),
             grad_x.stride(0), grad_x.stride(1),
@@ -317,8 +391,10 @@ def nf4_lora_linear_bwd(
             BLOCK_R=min(block_r(rank), _GEMM_MAX_BLOCK_R),
             BLOCKSIZE=blocksize, ALIGNED_ROWS=aligned_rows, HAS_DOUBLE_QUANT=double_quant, NESTED=_NESTED,
             HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32, DECODE=decode_mode(dtype, device),
-            **extra, **compile_options(enable_fp_fusion=False),
+            **gemm.extra, **compile_options(enable_fp_fusion=False),
         )
+        if M <= SMALL_M:
+            gemm.finish(parts, grad_x)
     elif need_A and splits > 1:
         ds = ds_parts.sum(0)
     if need_A:

@@ -36,10 +36,12 @@ from .lora_linear_tiles import (
 SMALL_M = 16  # rows up to which the decode-shaped configurations serve
 
 
-def _config(bm, bn, bk, warps, stages, swap, group_m=8) -> triton.Config:
-    # WARPS repeats num_warps for the kernels (the forward's MMA-order tiles lay their rows out by warp).
+def _config(bm, bn, bk, warps, stages, swap, group_m=8, split_k=False) -> triton.Config:
+    # WARPS repeats num_warps for the kernels (the forward's MMA-order tiles lay their rows out by warp). SPLIT_K
+    # lets the launch split the reduction over a second grid axis (decode-sized M; ``_common.split_count``).
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap, "WARPS": warps},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap, "WARPS": warps,
+         "SPLIT_K": split_k},
         num_warps=warps,
         num_stages=stages,
     )
@@ -81,27 +83,28 @@ _DX_LARGE_M = [
     (256, 128, 64, 8, 3, False),
 ]
 # Decode (M ≤ 16): one 16-row M tile, narrow output tiles, long reduction steps (wide byte loads). With SWAP_AB the
-# weight tile is wgmma's 64/128-row left operand and the token rows its N dimension. Each table starts with the
-# static model's pick (sass_model.json; the first candidate is what QLORA_KERNELS_AUTOTUNE=0 runs and the first two
-# what the GPU check tunes): forward 16×32×256 plain at N = 4096 (128 programs; 16×64×256 swapped leaves half the
-# SMs idle with 64), 16×64×256 swapped at N = 14336 (MMA-order tiles: 224 programs, ALU-bound; 16×128×128 swapped
-# runs 112).
+# weight tile is wgmma's 64/128-row left operand and the token rows its N dimension. Every decode candidate may split
+# its reduction (SPLIT_K; the launch picks the count, ``_common.split_count``), so the output tiles need not fill the
+# SMs alone. Each table starts with the static model's pick at M = 1 (sass_model.json; the first candidate is what
+# QLORA_KERNELS_AUTOTUNE=0 runs and the first two what the GPU check tunes): forward 16×64×256 swapped at N = 4096
+# and 14336 (MMA-order tiles, ALU-bound: 64 output tiles split 4 ways at N = 4096, 256 programs, modelled 3.3 µs;
+# 16×32×256 plain, shared-memory-bound, 5.5 µs split or not).
 _FWD_SMALL_M = [
-    (16, 32, 256, 4, 3, False),
     (16, 64, 256, 4, 3, True),
+    (16, 32, 256, 4, 3, False),
     (16, 128, 128, 4, 3, True),
     (16, 16, 256, 4, 3, False),
     (16, 64, 128, 4, 4, False),
 ]
-# dX: narrow output tiles first (BLOCK_K = 32, still 16-byte rows of packed bytes): 128 programs at K = 4096 where
-# BLOCK_K = 256 gives 16 (modelled 5.5 µs against ~30 µs). 16×256×32 with 4 warps leads: 16×128×32 runs 2 warps
-# (4 spill under Triton 3.9), which alone on an SM keep two of its four schedulers idle (modelled 7.5 µs).
-# 16×64×32 loses the 16-byte copies of packed bytes. 16,128,128 swapped spills registers in the dX kernel under
-# Triton 3.6 (not under 3.9): left out.
+# dX: 16×64×256 swapped at M = 1 (16 output tiles of K = 4096, split 16 ways: 256 programs, modelled 3.9 µs), then
+# narrow output tiles (BLOCK_K = 32, still 16-byte rows of packed bytes: 128 programs before splitting): 16×256×32
+# with 4 warps (5.5 µs), 16×128×32 with 2 warps (the model's pick at M = 16, where the partial sums' traffic allows
+# two splits: 4.5 µs; 4 spill under Triton 3.9). 16×64×32 loses the 16-byte copies of packed bytes. 16,128,128
+# swapped spills registers in the dX kernel under Triton 3.6 (not under 3.9): left out.
 _DX_SMALL_M = [
+    (16, 64, 256, 4, 3, True),
     (16, 256, 32, 4, 3, False),
     (16, 128, 32, 2, 3, False),
-    (16, 64, 256, 4, 3, True),
     (16, 16, 256, 4, 3, False),
     (16, 32, 256, 4, 3, False),
 ]
@@ -119,8 +122,12 @@ def _configs(table, every_candidate: bool = False) -> list[triton.Config]:
     # not), so the default launches exercise both orientations.
     if interpreting():
         small = table[0][0] == SMALL_M
-        return [_config(16, 32, 64, 1, 1, True, group_m=1) if small else _config(32, 32, 64, 1, 1, False, group_m=2)]
-    configs = [_config(*row, group_m=1 if row[0] == SMALL_M else 8) for row in table]
+        if small:
+            return [_config(16, 32, 64, 1, 1, True, group_m=1, split_k=True)]
+        return [_config(32, 32, 64, 1, 1, False, group_m=2)]
+    # Decode-sized M: every candidate may split the reduction (the launch decides how many splits; one is the
+    # unsplit kernel), since its output tiles alone may not fill the SMs.
+    configs = [_config(*row, group_m=1 if row[0] == SMALL_M else 8, split_k=row[0] == SMALL_M) for row in table]
     return configs if every_candidate or autotuning_enabled() else configs[:1]
 
 
@@ -219,9 +226,47 @@ def _lora_init(
 
 
 @triton.jit
+def _split_range(LEN, BLOCK: tl.constexpr):
+    """(split, begin, end): this program's share of a reduction of LEN in BLOCK steps, split tl.program_id(1) of
+    tl.num_programs(1) (whole steps, in order)."""
+    split = tl.program_id(1)
+    per_split = tl.cdiv(tl.cdiv(LEN, BLOCK), tl.num_programs(1)) * BLOCK
+    begin = split * per_split
+    return split, begin, tl.minimum(LEN, begin + per_split)
+
+
+@triton.jit
+def _store_output(
+    acc, out_ptr, stride_om, stride_oc, part_ptr, M, OUT, offs_m, offs_out, mask_m, mask_out,
+    SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Store the accumulator ([BLOCK_M, BLOCK_OUT], or its transpose with SWAP_AB) into out [M, OUT] in out's dtype,
+    or, one split of several, as float32 partial sums into part [splits, M, OUT] (contiguous) for _split_sum_kernel."""
+    if SPLIT_K:
+        if tl.num_programs(1) > 1:
+            part_ptr += tl.program_id(1).to(tl.int64) * M * OUT
+            _store_tile(acc, part_ptr, OUT, 1, offs_m, offs_out, mask_m, mask_out, SWAP_AB)
+        else:
+            _store_tile(acc, out_ptr, stride_om, stride_oc, offs_m, offs_out, mask_m, mask_out, SWAP_AB)
+    else:
+        _store_tile(acc, out_ptr, stride_om, stride_oc, offs_m, offs_out, mask_m, mask_out, SWAP_AB)
+
+
+@triton.jit
+def _store_tile(acc, ptr, stride_m, stride_c, offs_m, offs_c, mask_m, mask_c, SWAP_AB: tl.constexpr):
+    value = acc.to(ptr.dtype.element_ty)
+    if SWAP_AB:
+        tl.store(ptr + offs_c[:, None] * stride_c + offs_m[None, :] * stride_m, value,
+                 mask=mask_c[:, None] & mask_m[None, :])
+    else:
+        tl.store(ptr + offs_m[:, None] * stride_m + offs_c[None, :] * stride_c, value,
+                 mask=mask_m[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _nf4_lora_fwd_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
-    s_parts_ptr, lora_b_ptr, bias_ptr, y_ptr, s_ptr,
+    s_parts_ptr, lora_b_ptr, bias_ptr, y_ptr, s_ptr, part_ptr,
     M, N, K, rank, s_splits, scale,
     stride_xm, stride_xk, stride_s_split, stride_bn, stride_br, stride_ym, stride_yn,
     m_bucket,  # noqa: ARG001 - autotuning key only (a power-of-two bucket of M)
@@ -229,7 +274,7 @@ def _nf4_lora_fwd_kernel(
     GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
-    PACKED_ALIGNED: tl.constexpr = False, WARPS: tl.constexpr = 4,
+    PACKED_ALIGNED: tl.constexpr = False, WARPS: tl.constexpr = 4, SPLIT_K: tl.constexpr = False,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,9 +282,16 @@ def _nf4_lora_fwd_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    write_s = pid_n == 0
+    if SPLIT_K:
+        split, k_begin, k_end = _split_range(K, BLOCK_K)
+        write_s = write_s & (split == 0)
+    else:
+        k_begin = 0
+        k_end = K
 
     acc = _lora_init(
-        s_parts_ptr, stride_s_split, rank, s_splits, s_ptr, pid_n == 0,
+        s_parts_ptr, stride_s_split, rank, s_splits, s_ptr, write_s,
         lora_b_ptr, stride_bn, stride_br,
         offs_m, offs_n, mask_m, mask_n, rank, scale,
         BLOCK_M, BLOCK_N, BLOCK_R, SWAP_AB, WRITE_LORA, DTYPE, DOT_FP32,
@@ -250,6 +302,8 @@ def _nf4_lora_fwd_kernel(
             acc += bias[:, None]
         else:
             acc += bias[None, :]
+    if SPLIT_K:
+        acc = tl.where(split == 0, acc, 0.0)  # the LoRA term and the bias once, in the first split's sum
 
     words = nf4_register_words(code_ptr, DECODE)
     # Decode-sized tiles with the decoded weight as wgmma's register operand (SWAP_AB, register decode, block-aligned
@@ -261,9 +315,12 @@ def _nf4_lora_fwd_kernel(
         and BLOCK_N % (16 * WARPS) == 0 and BLOCK_K % 32 == 0 and BLOCK_K <= 4 * BLOCKSIZE
     )
     # x's column offsets in int64: a column-strided x (a transposed activation) has k · stride_xk past 2^31.
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K).to(tl.int64)[None, :] * stride_xk
+    offs_x = tl.arange(0, BLOCK_K).to(tl.int64)
+    if SPLIT_K:
+        offs_x += k_begin
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_x[None, :] * stride_xk
     x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if MMA_ORDER:
             offs_k = mma_order_columns(k0, BLOCK_K)
             x = tl.load(
@@ -291,18 +348,13 @@ def _nf4_lora_fwd_kernel(
         else:
             acc = mma(x, tl.trans(w), acc, DOT_FP32)
 
-    if SWAP_AB:
-        y_ptrs = y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
-        tl.store(y_ptrs, acc.to(DTYPE), mask=mask_n[:, None] & mask_m[None, :])
-    else:
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(DTYPE), mask=mask_m[:, None] & mask_n[None, :])
+    _store_output(acc, y_ptr, stride_ym, stride_yn, part_ptr, M, N, offs_m, offs_n, mask_m, mask_n, SWAP_AB, SPLIT_K)
 
 
 @triton.jit
 def _nf4_lora_bwd_dx_kernel(
     dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, code_ptr, nested_code_ptr,
-    ds_parts_ptr, lora_a_ptr, seed_ptr, dx_ptr, ds_ptr,
+    ds_parts_ptr, lora_a_ptr, seed_ptr, dx_ptr, ds_ptr, part_ptr,
     M, N, K, rank, ds_splits, scale, threshold, inv_keep,
     stride_dym, stride_dyn, stride_ds_split, stride_ar, stride_ak, stride_dxm, stride_dxk,
     m_bucket,  # noqa: ARG001 - autotuning key only
@@ -311,6 +363,7 @@ def _nf4_lora_bwd_dx_kernel(
     BLOCKSIZE: tl.constexpr, ALIGNED_ROWS: tl.constexpr, HAS_DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_LORA: tl.constexpr, DOT_FP32: tl.constexpr, DECODE: tl.constexpr,
     WARPS: tl.constexpr = 4,  # noqa: ARG001 - the configurations' num_warps (used by the forward's tiles)
+    SPLIT_K: tl.constexpr = False,
 ):
     # The output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps, reading the weight
     # tile W[n0 : n0 + BLOCK_N, k-tile] (rows contiguous along K, the output dimension here).
@@ -320,10 +373,17 @@ def _nf4_lora_bwd_dx_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     DTYPE: tl.constexpr = dx_ptr.dtype.element_ty
+    write_ds = pid_k == 0
+    if SPLIT_K:  # splits of the reduction over N
+        split, n_begin, n_end = _split_range(N, BLOCK_N)
+        write_ds = write_ds & (split == 0)
+    else:
+        n_begin = 0
+        n_end = N
 
     # lora_A [rank, K] is the right-hand LoRA matrix R [K, rank] read through swapped strides.
     acc = _lora_init(
-        ds_parts_ptr, stride_ds_split, rank, ds_splits, ds_ptr, pid_k == 0,
+        ds_parts_ptr, stride_ds_split, rank, ds_splits, ds_ptr, write_ds,
         lora_a_ptr, stride_ak, stride_ar,
         offs_m, offs_k, mask_m, mask_k, rank, scale,
         BLOCK_M, BLOCK_K, BLOCK_R, SWAP_AB, WRITE_LORA, DTYPE, DOT_FP32,
@@ -335,9 +395,11 @@ def _nf4_lora_bwd_dx_kernel(
         else:
             keep = dropout_keep(offs_m[:, None] * K + offs_k[None, :], seed_ptr, threshold)
         acc = tl.where(keep, acc * inv_keep, 0.0)
+    if SPLIT_K:
+        acc = tl.where(split == 0, acc, 0.0)  # the LoRA term once, in the first split's sum
 
     words = nf4_register_words(code_ptr, DECODE)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dy = tl.load(
             dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -356,12 +418,26 @@ def _nf4_lora_bwd_dx_kernel(
         else:
             acc = mma(dy, w, acc, DOT_FP32)
 
-    if SWAP_AB:
-        dx_ptrs = dx_ptr + offs_k[:, None] * stride_dxk + offs_m[None, :] * stride_dxm
-        tl.store(dx_ptrs, acc.to(DTYPE), mask=mask_k[:, None] & mask_m[None, :])
-    else:
-        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(DTYPE), mask=mask_m[:, None] & mask_k[None, :])
+    _store_output(acc, dx_ptr, stride_dxm, stride_dxk, part_ptr, M, K, offs_m, offs_k, mask_m, mask_k, SWAP_AB,
+                  SPLIT_K)
+
+
+SPLIT_SUM_BLOCK = 1024  # output elements per program of _split_sum_kernel
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, M, OUT, splits, stride_om, stride_oc, BLOCK: tl.constexpr):
+    """out [M, OUT] (its dtype, any strides) = Σ_s part[s], the float32 partial sums [splits, M, OUT] of a split
+    GEMM, added in split order (the same sum every run)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    count = tl.cast(M, tl.int64) * OUT
+    mask = offs < count
+    total = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, splits):
+        total += tl.load(part_ptr + s * count + offs, mask=mask, other=0.0)
+    rows = offs // OUT
+    cols = offs - rows * OUT
+    tl.store(out_ptr + rows * stride_om + cols * stride_oc, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Autotuned entry points. The raw kernels above stay launchable with an explicit configuration (tests, the sm_90
