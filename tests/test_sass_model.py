@@ -132,10 +132,24 @@ def test_bounds_take_waves_and_bytes_into_account():
     assert b["int_us"] == pytest.approx(per_sm * 64 * (80 * 8 * 32 / 64) / 1.98e9 * 1e6)
     assert b["time_us"] == max(b["tensor_us"], b["issue_us"], b["int_us"], b["fma_us"], b["shared_us"],
                                b["memory_us"])
-    # Split-K: programs multiply, iterations divide.
-    r["constexprs"]["SPLIT_K"] = 4
-    b4 = sm.gemm_bounds("fwd", r, 4096, 4096, 4096, 16)
-    assert b4["programs"] == 4 * programs and b4["iterations"] == 16
+    assert b["splits"] == 1
+
+
+def test_split_capable_decode_configurations_split_as_their_launch_does():
+    # M = 1 through 4096 x 4096 on 16x64x256 tiles: 64 output tiles, 16 reduction steps; the launch's rule
+    # (_common.split_count / split_limit) splits 4 ways: 256 programs of 4 steps, the partial sums' bytes added.
+    r = _result(100, 16, 16, 64, 256, 4, integer=80)
+    unsplit = sm.gemm_bounds("fwd", r, 1, 4096, 4096, 16)
+    assert unsplit["splits"] == 1 and unsplit["programs"] == 64 and unsplit["iterations"] == 16
+    r["constexprs"]["SPLIT_K"] = True
+    b = sm.gemm_bounds("fwd", r, 1, 4096, 4096, 16)
+    assert b["splits"] == 4 and b["programs"] == 256 and b["iterations"] == 4
+    assert b["issue_us"] == pytest.approx(unsplit["issue_us"] / 2)  # 2 programs per SM, a quarter of the steps
+    nbytes = sm.gemm_bytes("fwd", 1, 4096, 4096, 16) + 2 * 4 * 4 * 1 * 4096
+    assert b["memory_us"] == pytest.approx(nbytes / 4.3e12 * 1e6)
+    # dX at M = 16: the partial sums' traffic allows two splits only.
+    b16 = sm.gemm_bounds("dx", r, 16, 4096, 4096, 16)
+    assert b16["splits"] == 2
 
 
 def test_shared_memory_bound():

@@ -34,6 +34,10 @@ in use finds a ready warp, and that a wave's programs are resident together), sh
 rates of other pipes (conversions, shuffles), L2 behaviour.
 
 with programs_per_SM = ceil(programs / SMS) (wave quantisation). The assumptions are the constants in ``H200``.
+The decode configurations (SPLIT_K) split the reduction as their launch does (``_common.split_count`` and
+``split_limit``): programs =
+output tiles · splits, iterations = reduction steps / splits, and the float32 partial sums (written by the splits,
+read by ``_split_sum_kernel``, whose launch is not counted) add 8 · splits · M · out bytes to the memory bound.
 ``modelled_time_us(kind, M, N, K, r)`` answers from the committed ``sass_model.json`` (made by this tool under
 Triton 3.6, the H200's) for the configuration the launcher's autotuning should find: the candidate with the least
 modelled time.
@@ -50,6 +54,8 @@ import os
 import re
 import sys
 from typing import Any, Optional
+
+from ._common import split_count, split_limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +249,8 @@ def _top_opcodes(counted: list[Instruction], n: int = 12) -> dict[str, int]:
 
 def elements_per_iteration(family: str, constexprs: dict[str, Any]) -> int:
     """Elements one CTA-iteration (or one program, for loop-less kernels) produces: decoded weights for the GEMMs
-    and dequantize, activation elements for the thin passes, weights for quantize, absmax entries for 8-bit."""
+    and dequantize, activation elements for the thin passes, weights for quantize, absmax entries for 8-bit,
+    partial sums for the split-K sum."""
     c = constexprs
     if family.startswith(("fwd", "bwd_dx")):
         return c["BLOCK_N"] * c["BLOCK_K"]
@@ -257,6 +264,8 @@ def elements_per_iteration(family: str, constexprs: dict[str, Any]) -> int:
         return c["BLOCKS_PER_PROGRAM"] * c["BLOCKSIZE"]
     if family == "nf4_absmax_8bit":
         return c["NESTED"]
+    if family == "split_sum":  # one split's partial sums added per iteration
+        return c["BLOCK"]
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -312,9 +321,13 @@ def gemm_bounds(kind: str, result: dict[str, Any], M: int, N: int, K: int, r: in
     c = result["constexprs"]
     out_cols, out_tile = (N, c["BLOCK_N"]) if kind == "fwd" else (K, c["BLOCK_K"])
     reduce_len, reduce_tile = (K, c["BLOCK_K"]) if kind == "fwd" else (N, c["BLOCK_N"])
-    split = c.get("SPLIT_K", 1)
-    programs = math.ceil(M / c["BLOCK_M"]) * math.ceil(out_cols / out_tile) * split
-    iterations = math.ceil(math.ceil(reduce_len / reduce_tile) / split)
+    tiles = math.ceil(M / c["BLOCK_M"]) * math.ceil(out_cols / out_tile)
+    reduce_tiles = math.ceil(reduce_len / reduce_tile)
+    # A split-capable (decode) configuration splits the reduction as its launch does (lora_linear._gemm_launch).
+    split = (split_count(tiles, reduce_tiles, machine.sms, split_limit(M, reduce_len)) if c.get("SPLIT_K", False)
+             else 1)
+    programs = tiles * split
+    iterations = math.ceil(reduce_tiles / split)
     per_sm = math.ceil(programs / machine.sms)
     # The per-iteration clocks assume all four schedulers (and their ALU, FMA pipe and tensor core) busy; fewer
     # resident warps than that leave the rest idle.
@@ -326,11 +339,13 @@ def gemm_bounds(kind: str, result: dict[str, Any], M: int, N: int, K: int, r: in
     fma = clocks * fig["fma_clocks"] / busy
     shared = clocks * fig["shared_clocks"]
     nbytes = gemm_bytes(kind, M, N, K, r)
+    if split > 1:  # the float32 partial sums, written by the splits and read by _split_sum_kernel
+        nbytes += 2 * 4 * split * M * out_cols
     memory = nbytes / machine.hbm_bytes_per_s
     bounds = {"tensor": tensor, "issue": issue, "int": integer, "fma": fma, "shared": shared, "memory": memory}
     time = max(bounds.values())
     return {
-        "programs": programs, "iterations": iterations, "tensor_us": tensor * 1e6, "issue_us": issue * 1e6,
+        "programs": programs, "splits": split, "iterations": iterations, "tensor_us": tensor * 1e6, "issue_us": issue * 1e6,
         "int_us": integer * 1e6, "fma_us": fma * 1e6, "shared_us": shared * 1e6, "memory_us": memory * 1e6,
         "time_us": time * 1e6, "bound": max(bounds, key=bounds.get),
         "nf4_bytes_per_s": (N * K // 2) / time,
