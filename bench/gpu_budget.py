@@ -13,7 +13,8 @@ goal-point benchmark are time-boxed (they get what remains and stop), so only th
 Which kernels compile: a GEMM configuration per autotuning candidate in use (the first with
 QLORA_KERNELS_AUTOTUNE=0, as the smoke stage runs; the first ``autotune_limit`` in the gpu-check plan), once more
 for M = 1 (Triton specialises an integer argument equal to 1); the thin LoRA passes per operand (A or B, whose
-strides differ), row-tile class and M = 1; the NF4 quantize (two kernels) and dequantize kernels.
+strides differ), row-tile class and M = 1; split-K's partial-sum kernel at decode-sized M; the NF4 quantize (two
+kernels) and dequantize kernels.
 Must run with TRITON_INTERPRET unset (the interpreter replaces the candidate tables with one configuration).
 """
 
@@ -141,6 +142,8 @@ def linear_compiles(points: list, candidates: Optional[int], timer: _Timer) -> d
             for config in configs:
                 key = _gemm_key(family, config)
                 add((key, m == 1), family, key)
+            if small:  # split-K's partial sums (lora_linear_gemm._split_sum_kernel), per output dtype (bf16)
+                add(("split_sum[bf16]", m == 1), "split_sum", "split_sum[]w4s3")
         if not small and (candidates is None or candidates > 1):
             # With autotuning on, the first large-M call of a shape also times the dense route (route.py): the
             # LoRA-term kernel per direction, the dequantize kernel, and one more benchmark per direction.

@@ -11,8 +11,8 @@ keeps what it found).
 3. one step of PagedAdamW (32-bit) against torch.optim.AdamW and of PagedAdamW8bit against bitsandbytes'
    PagedAdamW8bit, from the same start;
 4. the bf16 GEMMs' register decode (triton_kernels/nf4_asm.py, inline asm the CPU cannot run) against its plain
-   Triton twin: the same forward output, bit for bit, at M = 16 and 4096 (the first candidate of each family) and
-   at M = 16 through the MMA-order tiles (the first swapped candidate).
+   Triton twin: the same forward output, bit for bit, at M = 16 through the first plain and the first swapped
+   (MMA-order) decode candidate, and at M = 4096 through the first candidate.
 
 Runs the first autotuning candidate of each kernel (QLORA_KERNELS_AUTOTUNE=0): correctness needs no tuning, and
 the benchmark stage then finds these kernels compiled in Triton's cache. On a GPU the groups of checks (one per M,
@@ -121,10 +121,12 @@ def check_optimizer_step(device: torch.device, bits: int) -> dict:
     return {"ok": err <= tol, "update_relative_error": float(f"{err:.3e}"), "tolerance": tol}
 
 
-def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int = 16, swapped: bool = False) -> dict:
+def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int = 16,
+                          swapped: Optional[bool] = None) -> dict:
     """The fused forward with the register decode's inline asm and with its twin: identical bf16 outputs (the two
-    produce the same weights bit for bit, so the same MMAs follow). The family's first candidate, or with
-    ``swapped`` its first SWAP_AB one (at M ≤ 16: the MMA-order tiles and the asm's word form)."""
+    produce the same weights bit for bit, so the same MMAs follow). The family's first candidate, or the first with
+    ``swapped`` as its SWAP_AB (at M ≤ 16 swapped: the MMA-order tiles and the asm's word form; plain: the byte
+    form)."""
     import qlora_kernels as qk
     from qlora_kernels.triton_kernels import lora_linear as launch
     from qlora_kernels.triton_kernels import lora_linear_gemm as gemm
@@ -137,7 +139,7 @@ def check_register_decode(device: torch.device, n: int, k: int, m: int, r: int =
     a = torch.randn(r, k, device=device, dtype=torch.bfloat16) * k**-0.5
     b = torch.randn(n, r, device=device, dtype=torch.bfloat16) * r**-0.5
     candidates = gemm.gemm_configs("fwd", m <= gemm.SMALL_M, True, every_candidate=True)
-    first = next(c for c in candidates if c.kwargs["SWAP_AB"]) if swapped else candidates[0]
+    first = candidates[0] if swapped is None else next(c for c in candidates if c.kwargs["SWAP_AB"] == swapped)
     config = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
     storage = w4.op_storage()
     outs = {}
@@ -163,10 +165,12 @@ def checks_for(device: torch.device, small: bool) -> list[tuple[str, str, Callab
     checks.append(("nf4+optim", "PagedAdamW step vs torch AdamW", lambda: check_optimizer_step(device, 32)))
     checks.append(("nf4+optim", "PagedAdamW8bit step vs bitsandbytes PagedAdamW8bit",
                    lambda: check_optimizer_step(device, 8)))
-    for m in (16, 64 if small else 4096):
-        n, k = shapes[0]
-        checks.append(("decode", f"register decode asm vs twin, fused fwd M={m} {n}x{k}",
-                       lambda n=n, k=k, m=m: check_register_decode(device, n, k, m)))
+    n, k = shapes[0]
+    checks.append(("decode", f"register decode asm vs twin, plain tiles, fused fwd M=16 {n}x{k}",
+                   lambda n=n, k=k: check_register_decode(device, n, k, 16, swapped=False)))
+    m = 64 if small else 4096
+    checks.append(("decode", f"register decode asm vs twin, fused fwd M={m} {n}x{k}",
+                   lambda n=n, k=k, m=m: check_register_decode(device, n, k, m)))
     n, k = shapes[0]
     checks.append(("decode", f"register decode asm vs twin, MMA-order tiles, fused fwd M=16 {n}x{k}",
                    lambda n=n, k=k: check_register_decode(device, n, k, 16, swapped=True)))
