@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #define QK_CPU_X86 1
 #define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QK_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #else
 #define QK_CPU_X86 0
 #endif
@@ -57,10 +58,21 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// The tests turn the AVX2 paths off to run the portable ones (set_simd); nothing else changes it.
-std::atomic<bool> g_simd_enabled{true};
+bool cpu_has_avx512() {
+#if QK_CPU_X86
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
 
-bool has_avx2() { return cpu_has_avx2() && g_simd_enabled.load(std::memory_order_relaxed); }
+// The widest vector code the kernels may use: 2 = AVX-512 where the CPU has it (the decode-GEMV), 1 = AVX2 at most,
+// 0 = the portable scalar code. The tests lower it to run every path (set_simd_level); nothing else changes it.
+std::atomic<int> g_simd_level{2};
+
+bool has_avx2() { return cpu_has_avx2() && g_simd_level.load(std::memory_order_relaxed) >= 1; }
+bool has_avx512() { return has_avx2() && cpu_has_avx512() && g_simd_level.load(std::memory_order_relaxed) >= 2; }
 
 int log2_exact(int64_t v, const char* what) {
   TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, what, " must be a power of two, got ", v);
@@ -591,6 +603,128 @@ QK_AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, int shi
     }
   }
 }
+
+// AVX-512 (where the CPU has it): one 16-entry permute looks up 16 levels at once, the whole codebook in one register,
+// where AVX2 assembles each float from four byte shuffles (decode64). Position p of float vector q in
+// decode64_avx512's output holds element 2·(16·(q / 2) + p) + q % 2 of the 64: the 16 bytes of half q / 2, their
+// high nibbles (even elements) for even q, their low nibbles (odd elements) for odd q.
+inline int64_t decode64_avx512_element(int q, int p) { return 2 * (16 * (q / 2) + p) + q % 2; }
+
+// `table`: the 16 values the codes stand for (the levels, or the levels times a block's absmax).
+QK_AVX512 inline void decode64_avx512(const uint8_t* bytes, __m512 table, __m512 f[4]) {
+  for (int h = 0; h < 2; ++h) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * h)));
+    f[2 * h] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  // the index's bits 3:0 pick the entry
+    f[2 * h + 1] = _mm512_permutexvar_ps(v, table);
+  }
+}
+
+// One block of the AVX-512 decode-GEMV: its `groups` 64-weight groups (from g, x from xg: both advanced), FMAs into
+// accumulators HALF..HALF+3 of each row.
+template <int MB, int NA, int HALF>
+QK_AVX512 inline void gemv_block_avx512(const uint8_t*& g, const float*& xg, int64_t groups, int64_t K,
+                                        __m512 weights, __m512 (&acc)[MB][NA]) {
+  for (int64_t gi = 0; gi < groups; ++gi, g += 32, xg += 64) {
+    // One software prefetch per cache line, 1 KiB ahead (as in the AVX2 loop).
+    if ((reinterpret_cast<uintptr_t>(g) & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(g) + 1024, _MM_HINT_T0);
+    __m512 f[4];
+    decode64_avx512(g, weights, f);
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = xg + m * K;
+      for (int q = 0; q < 4; ++q) acc[m][HALF + q] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xm + 16 * q), acc[m][HALF + q]);
+    }
+  }
+}
+
+// The decode-GEMV with decode64_avx512 (xp permuted per 64 elements in decode64_avx512_element's order). Each block's
+// absmax scales the 16 levels once (one multiply per block), so the looked-up values are the dequantized weights
+// themselves and go straight into the FMAs: per 64 weights 2 byte widenings, 2 shifts, 4 permutes and 4 FMAs per row.
+// At M = 1 consecutive blocks alternate between two sets of 4 accumulators (8 FMA chains).
+template <int MB, bool BLOCK64, typename T>
+QK_AVX512 void gemv_rows_avx512(const uint8_t* packed, const Absmax& absmax, int shift, int64_t K, const float* xp,
+                                int64_t n0, int64_t n1, const LoraTerm& lt, int64_t m0, T* y, int64_t ldy) {
+  constexpr int NA = MB == 1 ? 8 : 4;  // accumulators per row
+  const __m512 levels = _mm512_loadu_ps(kNf4);
+  const int64_t nblk = K >> shift;
+  const int64_t groups = BLOCK64 ? 1 : int64_t{1} << (shift - 6);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* g = packed + ((n * K) >> 1);
+    const int64_t b0 = (n * K) >> shift;
+    const float* xg = xp;
+    __m512 acc[MB][NA];
+    for (int m = 0; m < MB; ++m)
+      for (int i = 0; i < NA; ++i) acc[m][i] = _mm512_setzero_ps();
+    int64_t blk = 0;
+    if (NA == 8) {
+      for (; blk + 2 <= nblk; blk += 2) {
+        gemv_block_avx512<MB, NA, 0>(g, xg, groups, K, _mm512_mul_ps(levels, _mm512_set1_ps(absmax[b0 + blk])), acc);
+        gemv_block_avx512<MB, NA, NA - 4>(g, xg, groups, K,
+                                          _mm512_mul_ps(levels, _mm512_set1_ps(absmax[b0 + blk + 1])), acc);
+      }
+    }
+    for (; blk < nblk; ++blk)
+      gemv_block_avx512<MB, NA, 0>(g, xg, groups, K, _mm512_mul_ps(levels, _mm512_set1_ps(absmax[b0 + blk])), acc);
+    const float* bn = lt.b + n * lt.r;
+    for (int m = 0; m < MB; ++m) {
+      for (int i = NA / 2; i >= 1; i /= 2)
+        for (int j = 0; j < i; ++j) acc[m][j] = _mm512_add_ps(acc[m][j], acc[m][j + i]);
+      __m512 tot = acc[m][0];
+      const float* sm = lt.s + (m0 + m) * lt.r;
+      for (int64_t j = 0; j < lt.r; j += 16) {
+        const __mmask16 k = lt.r - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (lt.r - j)) - 1);
+        tot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sm + j), _mm512_maskz_loadu_ps(k, bn + j), tot);
+      }
+      float v = _mm512_reduce_add_ps(tot);
+      if (lt.bias) v += lt.bias[n];
+      y[(m0 + m) * ldy + n] = from_f32<T>(v);
+    }
+  }
+}
+
+// x [M, K] permuted per 64 elements by `element` (element(q, p): the position in the 64 of lane p of vector q).
+template <int VECTORS, int LANES, typename Element>
+std::vector<float> permuted_x(const float* xf, int64_t M, int64_t K, const Element& element) {
+  std::array<uint8_t, 64> perm{};
+  for (int q = 0; q < VECTORS; ++q)
+    for (int e = 0; e < LANES; ++e) perm[LANES * q + e] = static_cast<uint8_t>(element(q, e));
+  std::vector<float> xp(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K; g += 64)
+      for (int i = 0; i < 64; ++i) xp[m * K + g + i] = xf[m * K + g + perm[i]];
+  return xp;
+}
+
+// Rows [n0, n1) for all M rows of xp, four, two, then one at a time (a decoded group serves every row of a pass).
+template <template <int, bool, typename> class Rows, typename T>
+void gemv_all_rows(const uint8_t* p, const Absmax& a, int shift, int64_t K, const float* xp, int64_t M, int64_t n0,
+                   int64_t n1, const LoraTerm& lt, T* y, int64_t N) {
+  int64_t m = 0;
+  if (shift == 6) {
+    for (; m + 4 <= M; m += 4) Rows<4, true, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+    for (; m + 2 <= M; m += 2) Rows<2, true, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+    for (; m < M; ++m) Rows<1, true, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+  } else {
+    for (; m + 4 <= M; m += 4) Rows<4, false, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+    for (; m + 2 <= M; m += 2) Rows<2, false, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+    for (; m < M; ++m) Rows<1, false, T>::run(p, a, shift, K, xp + m * K, n0, n1, lt, m, y, N);
+  }
+}
+
+template <int MB, bool BLOCK64, typename T>
+struct RowsAvx2 {
+  static void run(const uint8_t* p, const Absmax& a, int shift, int64_t K, const float* xp, int64_t n0, int64_t n1,
+                  const LoraTerm& lt, int64_t m0, T* y, int64_t ldy) {
+    gemv_rows_avx2<MB, BLOCK64, T>(p, a, shift, K, xp, n0, n1, lt, m0, y, ldy);
+  }
+};
+
+template <int MB, bool BLOCK64, typename T>
+struct RowsAvx512 {
+  static void run(const uint8_t* p, const Absmax& a, int shift, int64_t K, const float* xp, int64_t n0, int64_t n1,
+                  const LoraTerm& lt, int64_t m0, T* y, int64_t ldy) {
+    gemv_rows_avx512<MB, BLOCK64, T>(p, a, shift, K, xp, n0, n1, lt, m0, y, ldy);
+  }
+};
 #endif
 
 // y [M, N] (T) = xf [M, K] · deq(W)ᵀ + the epilogue's LoRA term and bias.
@@ -605,28 +739,17 @@ void gemv_lora(const float* xf, int64_t M, int64_t K, const uint8_t* p, const Ab
   const int64_t chunk = std::max<int64_t>(
       1, std::min((int64_t{1} << 17) / std::max<int64_t>(K, 1), (N + 8 * threads - 1) / (8 * threads)));
 #if QK_CPU_X86
-  if (has_avx2() && shift >= 6 && K % (int64_t{1} << shift) == 0) {
-    static const auto perm = [] {
-      std::array<uint8_t, 64> t{};
-      for (int q = 0; q < 8; ++q)
-        for (int e = 0; e < 8; ++e) t[8 * q + e] = static_cast<uint8_t>(decode64_element(q, e));
-      return t;
-    }();
-    std::vector<float> xp(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < K; g += 64)
-        for (int i = 0; i < 64; ++i) xp[m * K + g + i] = xf[m * K + g + perm[i]];
+  if (has_avx512() && shift >= 6 && K % (int64_t{1} << shift) == 0) {
+    const std::vector<float> xp = permuted_x<4, 16>(xf, M, K, decode64_avx512_element);
     for_row_chunks(N, chunk, parallel, [&](int64_t n0, int64_t n1) {
-      int64_t m = 0;
-      if (shift == 6) {
-        for (; m + 4 <= M; m += 4) gemv_rows_avx2<4, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-        for (; m + 2 <= M; m += 2) gemv_rows_avx2<2, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-        for (; m < M; ++m) gemv_rows_avx2<1, true, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-      } else {
-        for (; m + 4 <= M; m += 4) gemv_rows_avx2<4, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-        for (; m + 2 <= M; m += 2) gemv_rows_avx2<2, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-        for (; m < M; ++m) gemv_rows_avx2<1, false, T>(p, a, shift, K, xp.data() + m * K, n0, n1, lt, m, y, N);
-      }
+      gemv_all_rows<RowsAvx512, T>(p, a, shift, K, xp.data(), M, n0, n1, lt, y, N);
+    });
+    return;
+  }
+  if (has_avx2() && shift >= 6 && K % (int64_t{1} << shift) == 0) {
+    const std::vector<float> xp = permuted_x<8, 8>(xf, M, K, decode64_element);
+    for_row_chunks(N, chunk, parallel, [&](int64_t n0, int64_t n1) {
+      gemv_all_rows<RowsAvx2, T>(p, a, shift, K, xp.data(), M, n0, n1, lt, y, N);
     });
     return;
   }
@@ -902,8 +1025,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_bwd(
 
 bool has_avx2_op() { return has_avx2(); }
 
-// Test hook: enable or disable the AVX2 paths (they stay off on CPUs without AVX2); returns the previous setting.
-bool set_simd(bool enabled) { return g_simd_enabled.exchange(enabled); }
+// The vector code the decode-GEMV runs now: 2 AVX-512, 1 AVX2, 0 scalar.
+int64_t simd_level() { return has_avx512() ? 2 : (has_avx2() ? 1 : 0); }
+
+// Test hooks: the widest vector code allowed (2, 1 or 0: see g_simd_level; a path the CPU lacks stays off), and the
+// older on/off form (on = 2). Both return the previous setting.
+int64_t set_simd_level(int64_t level) {
+  TORCH_CHECK(level >= 0 && level <= 2, "qk_cpu: simd level must be 0, 1 or 2, got ", level);
+  return g_simd_level.exchange(static_cast<int>(level));
+}
+bool set_simd(bool enabled) { return g_simd_level.exchange(enabled ? 2 : 0) > 0; }
 
 }  // namespace
 
@@ -937,6 +1068,8 @@ TORCH_LIBRARY(QK_CPU_LIBRARY, m) {
   m.def("lora_dropout(Tensor x, int seed, int threshold, float scale) -> Tensor", &lora_dropout);
   m.def("has_avx2() -> bool", &has_avx2_op);
   m.def("set_simd(bool enabled) -> bool", &set_simd);
+  m.def("set_simd_level(int level) -> int", &set_simd_level);
+  m.def("simd_level() -> int", &simd_level);
 }
 
 }  // namespace qk_cpu

@@ -3,7 +3,8 @@
 Quantize and dequantize must be bit-identical to the reference (and so to bitsandbytes' bytes); the fused linear,
 forward and backward, within DESIGN.md's tolerances of a float64 reference, on awkward shapes (M = 0 and 1, K % 64
 ≠ 0, odd K and odd element counts, several tiles with a partial one), every path (decode-GEMV, tiled BLAS, the
-portable scalar code with AVX2 turned off), dropout, bias, the need_* flags and all three float dtypes.
+portable scalar code with AVX2 turned off, the AVX-512 decode-GEMV and the AVX2 one on a CPU with AVX-512), dropout,
+bias, the need_* flags and all three float dtypes.
 """
 
 from __future__ import annotations
@@ -185,6 +186,50 @@ def test_gemv_and_tiled_paths_agree(m, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "GEMV_MAX_ROWS", 0)
     tiled = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b, 0.5, None, 0.0, None)[0]
     assert_close_normwise(gemv, tiled, torch.float32)
+
+
+@contextlib.contextmanager
+def simd_level(level: int):
+    """Allow vector code up to ``level`` (2 AVX-512, 1 AVX2, 0 scalar; a level the CPU lacks falls back)."""
+    previous = torch.ops.qk_cpu.set_simd_level(level)
+    try:
+        yield
+    finally:
+        torch.ops.qk_cpu.set_simd_level(previous)
+
+
+# The decode-GEMV's shapes: M = 1..7 (passes of 4, 2 and 1 rows), blocksize 64 and larger (several 64-weight groups
+# a block), an odd block count (the AVX-512 loop takes blocks in pairs), r = 1, 16, 20 and 33 (the LoRA epilogue's
+# partial vectors), with and without bias, every output dtype.
+GEMV_CASES = [(1, 40, 4096, 16, 64), (7, 24, 192, 20, 64), (3, 17, 512, 1, 256), (6, 8, 1024, 33, 128),
+              (2, 5, 64, 4, 64)]
+
+
+@pytest.mark.parametrize("level", [2, 1, 0], ids=["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=str)
+def test_gemv_at_every_simd_level_matches_the_reference(case, level):
+    with simd_level(level):
+        used = torch.ops.qk_cpu.simd_level()
+        assert used <= level
+        if level == 2 and _cpu_has("avx512f") and _cpu_has("avx2"):
+            assert used == 2  # the AVX-512 decode-GEMV runs on a CPU that has it
+        for dtype in DTYPES:
+            for double_quant, with_bias in [(True, False), (False, True)]:
+                _check_linear(case, dtype, double_quant, 0.0, with_bias, need=(True, False, False, False))
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def test_simd_level_is_checked():
+    for bad in (-1, 3):
+        with pytest.raises(RuntimeError, match="simd level"):
+            torch.ops.qk_cpu.set_simd_level(bad)
 
 
 @pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, False),
