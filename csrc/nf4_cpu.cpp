@@ -734,10 +734,12 @@ void gemv_lora(const float* xf, int64_t M, int64_t K, const uint8_t* p, const Ab
   if (M == 0 || N == 0) return;
   // Below ~64K weight·rows a second thread costs more to wake than it saves.
   const bool parallel = N * K * std::min<int64_t>(M, 4) >= (int64_t{1} << 16);
-  // Chunks of about 64 KiB of packed bytes, at least ~8 per thread so that a slow thread's share can move.
+  // Chunks of about 256 KiB of packed bytes (long enough streams for the hardware prefetcher: 9 % faster than 64 KiB
+  // at M = 1, 4096x4096, measured interleaved on a 2-core EPYC), at least ~8 per thread so that a slow thread's share
+  // can move.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = std::max<int64_t>(
-      1, std::min((int64_t{1} << 17) / std::max<int64_t>(K, 1), (N + 8 * threads - 1) / (8 * threads)));
+      1, std::min((int64_t{1} << 19) / std::max<int64_t>(K, 1), (N + 8 * threads - 1) / (8 * threads)));
 #if QK_CPU_X86
   if (has_avx512() && shift >= 6 && K % (int64_t{1} << shift) == 0) {
     const std::vector<float> xp = permuted_x<4, 16>(xf, M, K, decode64_avx512_element);
