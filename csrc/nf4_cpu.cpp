@@ -1030,13 +1030,12 @@ bool has_avx2_op() { return has_avx2(); }
 // The vector code the decode-GEMV runs now: 2 AVX-512, 1 AVX2, 0 scalar.
 int64_t simd_level() { return has_avx512() ? 2 : (has_avx2() ? 1 : 0); }
 
-// Test hooks: the widest vector code allowed (2, 1 or 0: see g_simd_level; a path the CPU lacks stays off), and the
-// older on/off form (on = 2). Both return the previous setting.
+// Test hook: the widest vector code allowed (2, 1 or 0: see g_simd_level; a path the CPU lacks stays off); returns
+// the previous setting.
 int64_t set_simd_level(int64_t level) {
   TORCH_CHECK(level >= 0 && level <= 2, "qk_cpu: simd level must be 0, 1 or 2, got ", level);
   return g_simd_level.exchange(static_cast<int>(level));
 }
-bool set_simd(bool enabled) { return g_simd_level.exchange(enabled ? 2 : 0) > 0; }
 
 }  // namespace
 
@@ -1069,7 +1068,6 @@ TORCH_LIBRARY(QK_CPU_LIBRARY, m) {
         &nf4_matmul_acc_);
   m.def("lora_dropout(Tensor x, int seed, int threshold, float scale) -> Tensor", &lora_dropout);
   m.def("has_avx2() -> bool", &has_avx2_op);
-  m.def("set_simd(bool enabled) -> bool", &set_simd);
   m.def("set_simd_level(int level) -> int", &set_simd_level);
   m.def("simd_level() -> int", &simd_level);
 }

@@ -24,13 +24,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
-def simd(enabled: bool):
-    """Run the AVX2 paths (when the CPU has them) or the portable scalar ones."""
-    previous = torch.ops.qk_cpu.set_simd(enabled)
+def simd_level(level: int):
+    """Allow vector code up to ``level`` (2 AVX-512, 1 AVX2, 0 scalar; a level the CPU lacks falls back)."""
+    previous = torch.ops.qk_cpu.set_simd_level(level)
     try:
         yield
     finally:
-        torch.ops.qk_cpu.set_simd(previous)
+        torch.ops.qk_cpu.set_simd_level(previous)
+
+
+def simd(enabled: bool):
+    """Run the vector paths (when the CPU has them) or the portable scalar ones."""
+    return simd_level(2 if enabled else 0)
 
 
 SIMD = pytest.mark.parametrize("use_simd", [True, False], ids=["simd", "scalar"])
@@ -186,16 +191,6 @@ def test_gemv_and_tiled_paths_agree(m, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "GEMV_MAX_ROWS", 0)
     tiled = cpu_kernels.nf4_lora_linear_fwd(x, *storage, 64, a, b, 0.5, None, 0.0, None)[0]
     assert_close_normwise(gemv, tiled, torch.float32)
-
-
-@contextlib.contextmanager
-def simd_level(level: int):
-    """Allow vector code up to ``level`` (2 AVX-512, 1 AVX2, 0 scalar; a level the CPU lacks falls back)."""
-    previous = torch.ops.qk_cpu.set_simd_level(level)
-    try:
-        yield
-    finally:
-        torch.ops.qk_cpu.set_simd_level(previous)
 
 
 # The decode-GEMV's shapes: M = 1..7 (passes of 4, 2 and 1 rows), blocksize 64 and larger (several 64-weight groups
