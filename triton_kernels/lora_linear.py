@@ -152,7 +152,10 @@ class _GemmLaunch:
         return torch.empty((self.max_splits, M, out_cols), dtype=torch.float32, device=device)
 
     def finish(self, parts: torch.Tensor, out: torch.Tensor) -> None:
-        """After the launch: out = Σ of the partial sums, in split order, if the configuration that ran split."""
+        """After the launch: out = Σ of the partial sums, in split order, if the configuration that ran split (only
+        decode-sized configurations split: with none among the candidates, which ran is not asked)."""
+        if self.max_splits == 1:
+            return
         splits = self.splits_of(self.used())
         if splits > 1:
             M, out_cols = out.shape
@@ -308,8 +311,7 @@ def nf4_lora_linear_fwd(
         PACKED_ALIGNED=nf4[0].data_ptr() % 16 == 0,
         **gemm.extra, **compile_options(enable_fp_fusion=False),
     )
-    if M <= SMALL_M:  # only decode-sized GEMMs split (larger M may have taken the dense route)
-        gemm.finish(parts, y)
+    gemm.finish(parts, y)
     return y, s
 
 
@@ -393,8 +395,7 @@ def nf4_lora_linear_bwd(
             HAS_DROPOUT=has_dropout, WRITE_LORA=splits > 1, DOT_FP32=dot_fp32, DECODE=decode_mode(dtype, device),
             **gemm.extra, **compile_options(enable_fp_fusion=False),
         )
-        if M <= SMALL_M:
-            gemm.finish(parts, grad_x)
+        gemm.finish(parts, grad_x)
     elif need_A and splits > 1:
         ds = ds_parts.sum(0)
     if need_A:
