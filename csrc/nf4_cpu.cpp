@@ -489,18 +489,18 @@ QK_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Four FMA chains: each waits 4 cycles on its previous FMA, so a long dot needs four to stream its operands.
 QK_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + 32 <= n; i += 32) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
-  if (i + 8 <= n) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    i += 8;
-  }
-  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -962,7 +962,9 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_fwd(
     const float* ap = a32.data_ptr<float>();
     float* sp = s.data_ptr<float>();
     const bool simd = has_avx2();
-    at::parallel_for(0, M * r, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1)),
+    // Both threads from 16K multiply-adds on: lora_A is read cold here (the previous call's weights evicted it), so
+    // this is a stream of r·K floats from memory, not a few microseconds of arithmetic.
+    at::parallel_for(0, M * r, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1)),
                      [&](int64_t i0, int64_t i1) {
                        for (int64_t i = i0; i < i1; ++i) {
                          const float* xm = xdp + (i / r) * K;
