@@ -39,7 +39,8 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info qlora_kernels/_C*.so
 
-# The optimizer/paged-memory tests against an AddressSanitizer + UBSan build of the extension's CPU code, built by
+# The optimizer/paged-memory tests and the NF4 CPU kernels' tests (awkward shapes, hostile storage: the SIMD loops read
+# raw pointers) against an AddressSanitizer + UBSan build of the extension's CPU code, built by
 # tests/build_asan_extension.py into build/asan (the normal in-tree qlora_kernels/_C*.so is not touched) and loaded
 # through QLORA_KERNELS_EXTENSION. python is not instrumented, so the ASan runtime is preloaded; leak checking is off
 # (the interpreter keeps its allocations at exit). Two loader tests are left out: extension_first loads the in-tree
@@ -48,7 +49,8 @@ clean:
 # (else its first C++ exception, inside torch, aborts with "real___cxa_throw != 0").
 ASAN_DIR := build/asan
 ASAN_CXX ?= c++
-ASAN_TESTS := tests/test_optim_paged.py tests/test_paged_memory.py tests/test_optim_hostile.py
+ASAN_TESTS := tests/test_optim_paged.py tests/test_paged_memory.py tests/test_optim_hostile.py tests/test_cpu_kernels.py \
+	tests/test_hostile_nf4.py
 ASAN_DESELECT := not extension_first and not import_without_the_extension
 
 .PHONY: test-asan
