@@ -108,8 +108,9 @@ def nf4_lora_linear(
     _check_arguments(x, w4, lora_A, lora_B, scale, bias, dropout)
     dtype = _compute_dtype(x, lora_A, lora_B, bias)
     n, k = w4.shape
-    # A no-op .to() or .reshape() still costs a dispatcher round trip each (~1 µs on a small CPU): at decode sizes the
-    # Python around the kernel is a tenth of the call, so only what needs converting is converted.
+    # A no-op .to() or .reshape() still costs a dispatcher round trip each (~1 µs on a small CPU), and at decode sizes
+    # the Python around the kernel is a visible part of the call (~6 % of a 4096×4096 layer at M = 1 on a 2-core CPU,
+    # most of a small layer's), so only what needs converting is converted.
     x2d = _as(x, dtype)
     if x2d.dim() != 2:
         x2d = x2d.reshape(-1, k)
